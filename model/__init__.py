@@ -1,0 +1,1 @@
+"""DeepfakeNet: the detector model. Imports nothing from pipeline/ or shard_tools/."""

@@ -1,0 +1,1 @@
+"""Loaders, augmentation, training, evaluation, prediction, export and benchmarks."""

@@ -1,0 +1,135 @@
+"""One augmentation spec for every backend.
+
+`AugConfig` says *what* to draw per sample; `pipeline.torch_aug` (torchvision backend, on the batch,
+on the device) and `pipeline.loader_dali` (DALI ops) say *how*. Geometric ops (flips, rotation,
+shear, scale and the resize to ``image_size``) are composed into one affine warp per sample.
+Every random parameter is drawn per sample, never once per batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+# Normalisation applied by every loader after augmentation (ImageNet statistics, RGB, on 0..1).
+MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+PRESETS = ("none", "seed", "robust")
+
+
+def _check_range(name: str, rng: Tuple[float, float], lo: float, hi: float) -> None:
+    if len(rng) != 2 or not (lo <= rng[0] <= rng[1] <= hi):
+        raise ValueError(f"AugConfig.{name}={rng!r}: expected (low, high) with {lo} <= low <= high <= {hi}")
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"AugConfig.{name}={p!r}: expected a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugConfig:
+    """Per-sample augmentation parameters, shared by the DALI and torchvision backends.
+
+    Attributes:
+        apply_prob: probability that the geometric + brightness block is applied to a sample at
+            all (the original project augmented half its items: 0.5 in the ``seed`` preset).
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip.
+        rotate: rotation angle in degrees, drawn uniformly from ``[-rotate, rotate]``.
+        shear_x: shear angle along x in degrees, drawn uniformly from the range
+            (torchvision ``RandomAffine(shear=(x0, x1, y0, y1))`` semantics).
+        shear_y: shear angle along y in degrees, drawn uniformly from the range.
+        scale: isotropic zoom factor, drawn uniformly from the range (1.0 = none).
+        brightness: multiplicative brightness factor, drawn uniformly from the range.
+        blur_prob: probability of a Gaussian blur (CNNDetection-style robustness).
+        blur_sigma: blur sigma in pixels of the output image, drawn uniformly from the range.
+        jpeg_prob: probability of JPEG re-compression.
+        jpeg_quality: JPEG quality, drawn uniformly (integer) from the range.
+    """
+
+    apply_prob: float = 1.0
+    hflip: float = 0.0
+    vflip: float = 0.0
+    rotate: float = 0.0
+    shear_x: Tuple[float, float] = (0.0, 0.0)
+    shear_y: Tuple[float, float] = (0.0, 0.0)
+    scale: Tuple[float, float] = (1.0, 1.0)
+    brightness: Tuple[float, float] = (1.0, 1.0)
+    blur_prob: float = 0.0
+    blur_sigma: Tuple[float, float] = (0.1, 3.0)
+    jpeg_prob: float = 0.0
+    jpeg_quality: Tuple[int, int] = (30, 100)
+
+    def __post_init__(self) -> None:
+        for name in ("apply_prob", "hflip", "vflip", "blur_prob", "jpeg_prob"):
+            _check_prob(name, getattr(self, name))
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"AugConfig.rotate={self.rotate!r}: expected degrees in [0, 180]")
+        _check_range("shear_x", self.shear_x, -45.0, 45.0)
+        _check_range("shear_y", self.shear_y, -45.0, 45.0)
+        _check_range("scale", self.scale, 0.1, 10.0)
+        _check_range("brightness", self.brightness, 0.0, 10.0)
+        _check_range("blur_sigma", self.blur_sigma, 0.0, 20.0)
+        _check_range("jpeg_quality", self.jpeg_quality, 1, 100)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the config does nothing but the resize (the eval path)."""
+        return self == AugConfig.preset("none")
+
+    @property
+    def geometric(self) -> bool:
+        """True when the affine warp differs from a plain resize for some samples."""
+        return self.apply_prob > 0 and (
+            self.hflip > 0 or self.vflip > 0 or self.rotate > 0
+            or self.shear_x != (0.0, 0.0) or self.shear_y != (0.0, 0.0) or self.scale != (1.0, 1.0)
+        )
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "AugConfig":
+        """Build a named preset, with any field overridden by keyword.
+
+        ``none``: resize only (evaluation). ``seed``: the original project's recipe: horizontal and
+        vertical flips, rotation +-30 deg, shear 0.75-1.25 deg on both axes, brightness 0.75-1.25,
+        applied to half the samples. ``robust``: ``seed`` plus Gaussian blur (p=0.5, sigma 0.1-3)
+        and JPEG re-compression (p=0.5, quality 30-100), as in CNNDetection (Wang et al. 2020).
+        """
+        if name == "none":
+            base = cls()
+        elif name in ("seed", "robust"):
+            base = cls(
+                apply_prob=0.5, hflip=0.5, vflip=0.5, rotate=30.0,
+                shear_x=(0.75, 1.25), shear_y=(0.75, 1.25), brightness=(0.75, 1.25),
+            )
+            if name == "robust":
+                base = dataclasses.replace(base, blur_prob=0.5, jpeg_prob=0.5)
+        else:
+            raise ValueError(f"unknown augmentation preset {name!r}: choose one of {', '.join(PRESETS)}")
+        return dataclasses.replace(base, **overrides) if overrides else base
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 or 0..1 float NCHW RGB -> float32 normalised with MEAN/STD, on the input's device."""
+    x = images.float()
+    if images.dtype == torch.uint8:
+        x = x / 255.0
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The eval resize, shared by every path that bypasses the loaders (folders, predict).
+
+    ``image`` is uint8 CHW (or NCHW); returns uint8 of ``size x size``, bilinear with antialias,
+    aspect ratio not kept (face crops are square), as torchvision/DALI resize do.
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.resize(image, [size, size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)

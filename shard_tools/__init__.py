@@ -1,0 +1,1 @@
+"""Packing image folders into validated, deduplicated WebDataset shards."""
