@@ -1,0 +1,244 @@
+"""deepfake-pack: real/fake image folders (or an image,label CSV) → validated, deduplicated WebDataset shards.
+
+Three phases, memory flat in the bytes packed:
+1. inspect: ``--workers`` processes read, sha256 and fully decode every file (``shard_tools.imageio``:
+   its docstring has the accepted formats, the keep-bytes/re-encode policy and the skip reasons) and
+   return small records, no image bytes;
+2. plan: dedup, leak-free split, class interleaving, shard sizes (``shard_tools.plan``);
+3. write: each shard is written by a worker (``shard_tools.writer``) under a ``.tmp-*`` name then
+   renamed, with its DALI ``.idx``; ``manifest.json`` last, atomically.
+
+Output folder: a complete one (with ``manifest.json``) is only replaced with ``--overwrite``; one
+without a manifest is an interrupted run: its shards and ``.tmp-*`` leftovers are removed and it is
+rebuilt. Same inputs and seed → byte-identical shards, also after a SIGKILL and rerun.
+Exit codes: 0 ok, 2 missing input / bad flag / nothing packed / ``--strict`` with skips / existing output.
+"""
+from __future__ import annotations
+
+import sys
+
+if __package__ in (None, ""):
+    # Run as a file: put the repo root on sys.path and drop this folder from it, else
+    # shard_tools/inspect.py would shadow the standard library's ``inspect`` for every import.
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from pathlib import Path
+
+import argparse
+import functools
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from typing import List, Optional
+
+from tqdm import tqdm
+
+from shard_tools import fsutil
+from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
+from shard_tools.inputs import CLASS_NAMES, InputError, Skip, collect
+from shard_tools.plan import SPLITS, Item, histograms, make_plan, shortcut_warnings
+from shard_tools.writer import ChangedInput, write_shard_task
+
+logger = logging.getLogger(__name__)
+TOOL, VERSION, FORMAT_VERSION = "deepfake-pack", "0.1.0", 1
+MANIFEST = "manifest.json"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=TOOL, description=__doc__.split("\n")[0].split(": ", 1)[1],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Accepted images: JPEG, PNG, WebP, BMP by content (not extension). Kept as original bytes when "
+               "8-bit RGB/grayscale JPEG/PNG/WebP without EXIF rotation, else stored as a lossless PNG of the "
+               "upright RGB pixels (CMYK, 16-bit, alpha dropped, palette, BMP, EXIF-rotated). Skipped with a "
+               "reason: zero-byte, not-an-image, unsupported-format (GIF, TIFF, ...), animated, truncated, "
+               "corrupt, unsupported-mode, too-small, too-large, unreadable, broken-symlink, not-a-file, "
+               "missing, hidden, symlink-loop, bad-csv-row, label-conflict. Exact duplicates within a class "
+               "are kept once and counted. Exit codes: 0 ok; 2 missing input, bad flag, nothing packed, "
+               "--strict with any skip, or a complete output without --overwrite.")
+    g = p.add_argument_group("data")
+    g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked recursively")
+    g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) of fake images (label 1), walked recursively")
+    g.add_argument("--csv", default=None, metavar="FILE", help="CSV with rows image,label (REAL/FAKE any case, or 0/1; optional header)")
+    g.add_argument("--images-root", default=None, metavar="DIR", help="folder the CSV image paths are relative to (None: the CSV's folder)")
+    g.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="skip images whose shorter side is below this (too-small)")
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this (too-large; decompression bombs)")
+    g = p.add_argument_group("split and shards")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class in val, in [0, 1), decided by content hash and seed")
+    g.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
+    g.add_argument("--shard-size", type=int, default=1000, help="target samples per shard")
+    g.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split where there are enough samples (warns otherwise)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, metavar="OUT", help="output folder (shards, .idx files, manifest.json)")
+    g.add_argument("--overwrite", action="store_true", help="replace a complete output folder (one with manifest.json)")
+    g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
+    g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())), help="processes that read, hash, decode and write")
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for flag in ("shard_size", "min_shards", "workers", "min_size", "max_pixels"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (args.real or args.fake or args.csv):
+        p.error("give at least one input: --real DIR, --fake DIR or --csv FILE")
+    if args.images_root and not args.csv:
+        p.error("--images-root needs --csv")
+
+
+def _inspect(path: str, min_size: int, max_pixels: int):
+    try:
+        return inspect_file(path, min_size=min_size, max_pixels=max_pixels)
+    except BadImage as e:
+        return e
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Remove what an earlier run left; a complete output is removed only with ``overwrite``."""
+    replacing = (out / MANIFEST).exists()
+    if replacing:
+        (out / MANIFEST).unlink()  # first: from here on the folder reads as incomplete
+    stale = sorted(p for s in SPLITS for p in out.glob(f"{s}-[0-9]*.*") if p.suffix in (".tar", ".idx"))
+    tmp = fsutil.remove_temp_files(out)
+    if replacing:
+        logger.info("%s: replacing the complete output (--overwrite): removing %d shard/index files", out, len(stale))
+    elif stale or tmp:
+        logger.info("%s: incomplete output, rebuilding (removing %d shard/index files, %d temp files)", out, len(stale), tmp)
+    for p in stale:
+        p.unlink()
+
+
+def _summary(counts: dict, skips: List[Skip]) -> List[str]:
+    reasons = sorted({s.reason for s in skips})
+    head = f"{'class':<8}{'found':>8}{'kept':>8}{'dups':>8}{'skipped':>9}" + "".join(f"{r:>16}" for r in reasons)
+    lines = [head]
+    for name in (*CLASS_NAMES, None):
+        by = Counter(s.reason for s in skips if s.label == name)
+        if name is None:
+            if not by:
+                continue
+            c = {"found": sum(by.values()), "kept": 0, "duplicates": 0, "skipped": sum(by.values())}
+        else:
+            c = counts[name]
+        lines.append(f"{name or 'no-label':<8}{c['found']:>8}{c['kept']:>8}{c['duplicates']:>8}{c['skipped']:>9}"
+                     + "".join(f"{by.get(r, 0):>16}" for r in reasons))
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise InputError(f"--out {out} already holds a complete pack output ({MANIFEST}); pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, expected a folder")
+    t0 = time.time()
+    cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out)
+    logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
+    workers = min(args.workers, max(1, len(cands)))
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels)
+        paths = [c.path for c in cands]
+        chunk = max(1, min(64, len(paths) // (workers * 16) or 1))
+        results = pool.imap(fn, paths, chunksize=chunk) if pool else map(fn, paths)
+        items: List[Item] = []
+        for cand, res in tqdm(zip(cands, results), total=len(cands), desc="inspect", unit="img", dynamic_ncols=True):
+            if isinstance(res, BadImage):
+                skips.append(Skip(cand.path, CLASS_NAMES[cand.label], res.reason, res.detail))
+            else:
+                items.append(Item(cand, res))
+        t_inspect = time.time() - t0
+        plan = make_plan(items, val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size,
+                         min_shards=args.min_shards)
+        skips.extend(plan.skips)
+        n_kept = sum(len(v) for v in plan.kept.values())
+        if n_kept == 0:
+            raise InputError(f"nothing to pack: {len(cands)} candidate files, none usable "
+                             f"({dict(Counter(s.reason for s in skips))})")
+        if args.strict and skips:
+            s = skips[0]
+            raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {s.path}: {s.reason}: {s.detail}")
+        out.mkdir(parents=True, exist_ok=True)
+        prepare_output(out, args.overwrite)
+        tasks = [(out, f"{split}-{i:06d}.tar", shard, args.max_pixels)
+                 for split in SPLITS for i, shard in enumerate(plan.splits[split])]
+        entries = {}
+        bar = tqdm(total=n_kept, desc="write", unit="img", dynamic_ncols=True)
+        done = pool.imap_unordered(write_shard_task, tasks) if pool else map(write_shard_task, tasks)
+        for entry in done:
+            entries[entry["name"]] = entry
+            bar.update(entry["num_samples"])
+        bar.close()
+        logger.info("inspect %.1fs, write %.1fs", t_inspect, time.time() - t0 - t_inspect)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    manifest = build_manifest(args, plan, entries, skips)
+    fsutil.atomic_write_json(out / MANIFEST, manifest)
+    dt = time.time() - t0
+    for line in _summary(manifest["counts"], skips):
+        logger.info(line)
+    for w in manifest["warnings"]:
+        logger.warning("warning: %s", w)
+    logger.info("packed %d samples (train %d, val %d) into %d shards in %s in %.1fs (%.0f img/s)", n_kept,
+                manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"], len(entries),
+                out, dt, len(cands) / max(dt, 1e-9))
+    return 0
+
+
+def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Skip]) -> dict:
+    kept_all = [it for split in SPLITS for it in plan.kept[split]]
+    splits = {}
+    for split in SPLITS:
+        shards = [entries[f"{split}-{i:06d}.tar"] for i in range(len(plan.splits[split]))]
+        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards),
+                         "classes": {c: sum(s["classes"][c] for s in shards) for c in CLASS_NAMES}, "shards": shards}
+    counts = {}
+    for label, name in enumerate(CLASS_NAMES):
+        mine = [s for s in skips if s.label == name]
+        dups = sum(len(d["dropped"]) for d in plan.duplicates if d["label"] == name)
+        kept = sum(1 for it in kept_all if it.cand.label == label)
+        counts[name] = {"found": kept + len(mine) + dups, "kept": kept, "skipped": len(mine), "duplicates": dups,
+                        "reasons": dict(sorted(Counter(s.reason for s in mine).items()))}
+    hist = histograms(kept_all)
+    return {
+        "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
+        "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
+        "splits": splits,
+        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv,
+                   "images_root": None if args.csv is None else (args.images_root or str(Path(args.csv).parent))},
+        "counts": counts,
+        "skipped": [s.to_dict() for s in skips],
+        "duplicates": plan.duplicates,
+        "conflicts": plan.conflicts,
+        "histograms": hist,
+        "warnings": plan.warnings + shortcut_warnings(hist),
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        return run(args)
+    except (InputError, ChangedInput) as e:
+        logger.error("error: %s", e)
+        return 2
+    except OSError as e:  # the output side: disk full, read-only folder, ...
+        logger.error("error: cannot write %s: %s", e.filename or args.out, e.strerror or e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

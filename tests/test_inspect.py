@@ -1,0 +1,94 @@
+"""shard_tools/inspect.py: summary, --verify on sound and damaged outputs, --grid contact sheet."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shard_tools.inspect import main as inspect_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def copy_of(packed: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "shards"
+    shutil.copytree(packed, dst)
+    return dst
+
+
+def test_verify_passes_on_a_sound_output(packed: Path, caplog):
+    caplog.set_level(logging.INFO)
+    assert inspect_main([str(packed), "--verify"]) == 0
+    assert "verify: OK (80 samples)" in caplog.text and "train" in caplog.text
+
+
+def test_verify_catches_a_flipped_byte(copy_of: Path, caplog):
+    shard = copy_of / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        jpg = next(m for m in tar if m.name.endswith(".jpg"))
+    data[jpg.offset_data + jpg.size // 2] ^= 0xFF  # inside the first image's bytes
+    shard.write_bytes(bytes(data))
+    assert inspect_main([str(copy_of), "--verify"]) == 1
+    assert "train-000001.tar: sha256 differs" in caplog.text
+    assert "do not hash to json sha256" in caplog.text and "FAILED" in caplog.text
+
+
+def test_verify_catches_truncated_shard_missing_index_and_wrong_label(copy_of: Path, caplog):
+    (copy_of / "val-000000.tar").write_bytes((copy_of / "val-000000.tar").read_bytes()[:3000])
+    (copy_of / "val-000001.idx").unlink()
+    # rewrite one shard with a cls that contradicts its json label
+    src = copy_of / "train-000000.tar"
+    members = []
+    with tarfile.open(src) as tar:
+        for m in tar:
+            members.append((m, tar.extractfile(m).read()))
+    first_cls = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".cls"))
+    m, old = members[first_cls]
+    members[first_cls] = (m, b"1" if old == b"0" else b"0")
+    with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, data in members:
+            tar.addfile(m, io.BytesIO(data))
+    assert inspect_main([str(copy_of), "--verify"]) == 1
+    text = caplog.text
+    assert "val-000001.idx: DALI index is missing" in text
+    assert "val-000000.tar" in text and ("cannot read the tar" in text or "samples, manifest says" in text)
+    assert "but json label" in text and "train-000000.tar: classes" in text
+
+
+def test_grid_writes_a_png(packed: Path, tmp_path: Path):
+    out = tmp_path / "sheet.png"
+    assert inspect_main([str(packed), "--grid", str(out), "--n", "9", "--thumb", "32", "--seed", "1"]) == 0
+    im = Image.open(out)
+    assert im.format == "PNG" and im.size == (3 * 32, 3 * (32 + 14))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_missing_manifest_exit_2(tmp_path: Path, caplog):
+    assert inspect_main([str(tmp_path)]) == 2
+    assert "manifest.json is missing" in caplog.text
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert inspect_main([str(tmp_path)]) == 2
+    assert "not a deepfake-pack manifest" in caplog.text
+
+
+def test_summary_and_help_as_file(packed: Path):
+    r = subprocess.run([sys.executable, str(REPO / "shard_tools" / "inspect.py"), "--help"], capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    for flag in ("--verify", "--grid", "--n", "--seed", "--thumb"):
+        assert flag in r.stdout
+    r = subprocess.run([sys.executable, str(REPO / "shard_tools" / "inspect.py"), str(packed)], capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((packed / "manifest.json").read_text())
+    assert f"{'train':<6} {manifest['splits']['train']['num_samples']:>8} samples" in r.stderr
