@@ -1,0 +1,189 @@
+"""Score image files directly (no packing): a map-style Dataset + DataLoader for evaluate and predict.
+
+Preprocessing is exactly the loaders' eval path: decode to upright uint8 RGB with
+`shard_tools.imageio.load_rgb` (content decides the format, as in the packer), optionally apply a
+robustness degradation (`pipeline.degrade`) at the original resolution, resize with
+`pipeline.augment.resize_uint8` to the checkpoint's ``image_size`` in the DataLoader workers (uint8
+crosses the process boundary), then `pipeline.augment.normalize` on the target device.
+
+A file that cannot be read is never fatal: its row gets the `shard_tools.imageio.BadImage` reason.
+Samples inside local tar shards can be scored through the same path (`shard_items`), which is how
+``evaluate --data ... --robustness`` reads the shard images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.augment import normalize, resize_uint8
+from shard_tools.imageio import BadImage, load_rgb
+from shard_tools.inputs import CLASS_NAMES, Candidate, walk_folder
+
+logger = logging.getLogger(__name__)
+
+Degrade = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to score.
+
+    Attributes:
+        path: the file path, or the sample key for a shard sample (the row's id).
+        label: 0 real, 1 fake, -1 unknown (predict).
+        group: the input folder or path it came from (per-folder metrics).
+        tar: ``(shard path, byte offset, size)`` of the image member for a shard sample, else None.
+        source: the original relative path recorded in a shard sample's json, else "".
+    """
+
+    path: str
+    label: int = -1
+    group: str = ""
+    tar: Optional[Tuple[str, int, int]] = None
+    source: str = ""
+
+
+def collect(paths: Iterable[Union[str, Path]], *, label: int = -1) -> Tuple[List[Item], List[dict]]:
+    """Items for files and folders, and skip records; raise FileNotFoundError naming a missing path.
+
+    Folders are walked with the packer's rules (`shard_tools.inputs.walk_folder`: sorted, recursive,
+    hidden names skipped with reason ``hidden``, symlink loops with ``symlink-loop``). Nothing is
+    filtered by extension: the content decides (`load_rgb`), so a non-image becomes a row with reason
+    ``not-an-image`` instead of silently disappearing. A path given explicitly is always kept.
+    ``group`` is the path as given. Skip records are ``{"path", "label", "reason", "detail"}``.
+    """
+    items: List[Item] = []
+    skips: List[dict] = []
+    name = CLASS_NAMES[label] if label in (0, 1) else None
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            n = len(items)
+            for c in walk_folder(str(p), max(label, 0)):
+                if isinstance(c, Candidate):
+                    items.append(Item(c.path, label, str(p)))
+                else:
+                    skips.append({"path": c.path, "label": name, "reason": c.reason, "detail": c.detail})
+            if len(items) == n:
+                logger.warning("%s: folder has no files", path)
+        elif path.exists() or path.is_symlink():
+            items.append(Item(str(path), label, str(p)))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return items, skips
+
+
+def shard_items(shards: Sequence[str]) -> List[Item]:
+    """One Item per sample of local tar shards (``KEY.cls`` + ``KEY.jpg|png|webp`` + ``KEY.json``).
+
+    Reads member headers and the small cls/json members only; image bytes are read later by
+    offset, so any number of DataLoader workers can read one shard. Raises ValueError naming the
+    shard for a sample without a label or an image.
+    """
+    items = []
+    for shard in shards:
+        if "://" in shard or shard.startswith("pipe:") or not Path(shard).is_file():
+            raise ValueError(
+                f"{shard}: reading shard images one by one (evaluate --robustness) needs local .tar files, not URLs"
+            )
+        samples: Dict[str, dict] = {}
+        with tarfile.open(shard, "r:") as tf:
+            for m in tf:
+                if not m.isfile() or "." not in m.name:
+                    continue
+                key, ext = m.name.split(".", 1)
+                s = samples.setdefault(key, {})
+                if ext in ("jpg", "png", "webp"):
+                    s["image"] = (shard, m.offset_data, m.size)
+                elif ext == "cls":
+                    s["label"] = int(tf.extractfile(m).read().strip())
+                elif ext == "json":
+                    s["source"] = json.loads(tf.extractfile(m).read()).get("source", "")
+        for key, s in samples.items():
+            if "image" not in s or "label" not in s:
+                raise ValueError(f"{shard}: sample {key} has no image or no .cls member")
+            items.append(Item(key, s["label"], Path(shard).name, s["image"], s.get("source", "")))
+    return items
+
+
+class ImageItems(Dataset):
+    """Decode + (degrade) + eval-resize of each Item; yields ``(index, CHW uint8 | None, reason | None)``."""
+
+    def __init__(self, items: Sequence[Item], image_size: int, degrade: Optional[Degrade] = None):
+        self.items = list(items)
+        self.image_size = image_size
+        self.degrade = degrade
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, item: Item):
+        if item.tar is None:
+            return item.path
+        shard, offset, size = item.tar
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def __getitem__(self, i: int):
+        item = self.items[i]
+        try:
+            image = load_rgb(self._read(item))
+            if self.degrade is not None:
+                image = self.degrade(image)
+        except BadImage as e:
+            return i, None, str(e)
+        except Exception as e:  # anything else a decoder throws is still this file's problem, not fatal
+            return i, None, f"corrupt: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        chw = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
+        return i, resize_uint8(chw, self.image_size).contiguous(), None
+
+
+def _collate(samples):
+    ok = [s for s in samples if s[1] is not None]
+    images = torch.stack([s[1] for s in ok]) if ok else None
+    return [s[0] for s in ok], images, [(s[0], s[2]) for s in samples if s[1] is None]
+
+
+@torch.inference_mode()
+def score_items(
+    model: torch.nn.Module,
+    items: Sequence[Item],
+    *,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    degrade: Optional[Degrade] = None,
+    progress: bool = True,
+    desc: str = "score",
+) -> Tuple[np.ndarray, Dict[int, str]]:
+    """P(fake) for each item (NaN where it failed) and ``{item index: "reason: detail"}`` for failures."""
+    device = torch.device(device)
+    model.eval()
+    scores = np.full(len(items), np.nan, dtype=np.float64)
+    errors: Dict[int, str] = {}
+    if not items:
+        return scores, errors
+    loader = DataLoader(
+        ImageItems(items, image_size, degrade), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2, leave=False)
+    for idx, images, errs in bar:
+        errors.update(errs)
+        if images is None:
+            continue
+        x = normalize(images.to(device, non_blocking=True))
+        logits = model(x).reshape(len(idx), -1)[:, 0]
+        scores[idx] = torch.sigmoid(logits.float()).cpu().numpy()
+    return scores, errors
