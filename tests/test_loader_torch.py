@@ -1,0 +1,247 @@
+"""pipeline.loader_torch on real packed shards (the `packed` fixture): ids, labels, ranks, errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import MEAN, STD, AugConfig, normalize, resize_uint8
+from pipeline.data import DataError
+from pipeline.loader_torch import TorchLoader
+from pipeline.loaders import build_loader, drop_repeats
+from tests.conftest import make_face, make_image_dirs, pack_dirs, write_image
+
+SIZE = 32
+LOW = min((0 - m) / s for m, s in zip(MEAN, STD))
+HIGH = max((1 - m) / s for m, s in zip(MEAN, STD))
+
+
+def folder_labels(images_root: Path) -> Dict[str, int]:
+    """key -> label from the source folders themselves (key = sha256 of the file, 32 hex chars)."""
+    labels = {}
+    for name, label in (("real", 0), ("fake", 1)):
+        for path in (images_root / name).iterdir():
+            labels[hashlib.sha256(path.read_bytes()).hexdigest()[:32]] = label
+    return labels
+
+
+def split_ids(packed: Path, split: str) -> List[str]:
+    manifest = json.loads((packed / "manifest.json").read_text())
+    ids = []
+    for entry in manifest["splits"][split]["shards"]:
+        with tarfile.open(packed / entry["name"]) as tar:
+            ids += [m.name[: -len(".cls")] for m in tar if m.name.endswith(".cls")]
+    return ids
+
+
+def loader(data, split, *, train, rank=0, world_size=1, workers=0, seed=0, aug=None, batch_size=8) -> TorchLoader:
+    aug = aug or AugConfig.preset("seed" if train else "none")
+    return TorchLoader(data, split, device="cpu", batch_size=batch_size, image_size=SIZE, train=train, aug=aug,
+                       rank=rank, world_size=world_size, seed=seed, num_workers=workers)
+
+
+def run(ld: TorchLoader):
+    batches = list(ld)
+    assert len(batches) == len(ld)
+    return batches
+
+
+def test_eval_every_id_once_with_labels_from_source_folders(packed):
+    ld = loader(packed, "val", train=False)
+    batches = run(ld)
+    truth = folder_labels(packed.parent / "images")
+    ids = [i for b in batches for i in b.ids]
+    assert sorted(ids) == sorted(split_ids(packed, "val")) and len(set(ids)) == len(ids) == ld.num_samples
+    for b in batches:
+        assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, SIZE, SIZE)
+        assert b.images.device.type == "cpu"
+        assert b.images.min() >= LOW - 1e-4 and b.images.max() <= HIGH + 1e-4
+        assert b.labels.dtype == torch.float32 and b.labels.shape == (len(b.ids),)
+        assert b.labels.tolist() == [float(truth[i]) for i in b.ids]
+    labels = torch.cat([b.labels for b in batches])
+    assert 0 < labels.sum() < len(labels), "both classes expected in val"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision.io decode, used as the reference
+def test_eval_image_is_resize_and_normalize_of_the_original_file(packed):
+    from torchvision.io import ImageReadMode, decode_image
+
+    by_key = {}
+    for name in ("real", "fake"):
+        for path in (packed.parent / "images" / name).iterdir():
+            by_key[hashlib.sha256(path.read_bytes()).hexdigest()[:32]] = path
+    batch = next(iter(loader(packed, "val", train=False)))
+    for image, key in zip(batch.images, batch.ids):
+        original = decode_image(str(by_key[key]), mode=ImageReadMode.RGB)
+        assert torch.equal(image, normalize(resize_uint8(original, SIZE)[None])[0])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_eval_ranks_union_complete_no_overlap(packed, world_size):
+    expected = sorted(split_ids(packed, "val"))
+    ranks = [loader(packed, "val", train=False, rank=r, world_size=world_size, workers=2 if r == 0 else 0,
+                    batch_size=4) for r in range(world_size)]
+    assert len({len(ld) for ld in ranks}) == 1
+    runs = [run(ld) for ld in ranks]
+    sizes = [[len(b.ids) for b in batches] for batches in runs]
+    assert all(s == sizes[0] for s in sizes), "ranks must yield batches of the same sizes at each step"
+    kept = [drop_repeats([i for b in batches for i in b.ids])[0] for batches in runs]
+    assert sum(len(k) for k in kept) == len(expected), "an id on two ranks"
+    assert sorted(i for k in kept for i in k) == expected
+    assert [len(k) for k in kept] == [ld.num_samples for ld in ranks]
+    if len(expected) % world_size:
+        assert sum(sizes[0]) * world_size > len(expected), "uneven split must be padded"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 4 workers on purpose
+def test_train_equal_steps_disjoint_ranks_correct_labels(packed):
+    truth = folder_labels(packed.parent / "images")
+    # rank 0 with 4 workers: 2 ranks x 4 workers is more than the 7 train shards
+    ranks = [loader(packed, "train", train=True, rank=r, world_size=2, workers=w) for r, w in ((0, 4), (1, 0))]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    seen = []
+    for ld in ranks:
+        batches = run(ld)
+        ids = [i for b in batches for i in b.ids]
+        assert all(len(b.ids) == 8 for b in batches), "train drops the last partial batch"
+        assert len(set(ids)) == len(ids) == ld.num_samples, "an id twice within an epoch"
+        for b in batches:
+            assert b.labels.tolist() == [float(truth[i]) for i in b.ids]
+        seen.append(set(ids))
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] <= set(split_ids(packed, "train"))
+
+
+@pytest.mark.timeout(180)
+def test_train_order_per_epoch_and_seed(packed):
+    def order(ld, epoch):
+        ld.set_epoch(epoch)
+        return [i for b in ld for i in b.ids]
+
+    a, b = loader(packed, "train", train=True, workers=2), loader(packed, "train", train=True, workers=2)
+    first = order(a, 0)
+    assert order(b, 0) == first, "same seed and epoch must give the same order"
+    assert order(a, 1) != first, "another epoch must give another order"
+    assert order(a, 0) == first
+    assert order(loader(packed, "train", train=True, workers=2, seed=1), 0) != first
+
+
+def test_train_aug_changes_pixels_not_labels(packed):
+    plain = list(loader(packed, "train", train=True, aug=AugConfig.preset("none")))
+    augmented = list(loader(packed, "train", train=True, aug=AugConfig.preset("robust", apply_prob=1.0)))
+    assert [b.ids for b in plain] == [b.ids for b in augmented], "augmentation must not change the order"
+    changed = 0
+    for p, a in zip(plain, augmented):
+        assert torch.equal(p.labels, a.labels)
+        changed += sum(not torch.allclose(x, y, atol=1e-3) for x, y in zip(p.images, a.images))
+    assert changed == sum(len(b.ids) for b in plain)
+
+
+def test_build_loader_torch_backend(packed):
+    ld = build_loader(packed, "val", backend="torch", batch_size=5, image_size=SIZE, train=False, num_workers=0)
+    assert isinstance(ld, TorchLoader)
+    assert sorted(i for b in ld for i in b.ids) == sorted(split_ids(packed, "val"))
+
+
+def test_local_pattern_without_manifest(packed):
+    names = [e["name"] for e in json.loads((packed / "manifest.json").read_text())["splits"]["val"]["shards"]]
+    assert len(names) == 2
+    pattern = f"{packed}/val-{{{names[0][4:10]}..{names[-1][4:10]}}}.tar"
+    ld = loader(pattern, "val", train=False, world_size=2, rank=1)
+    ids = [i for b in ld for i in b.ids]
+    assert ld.num_samples == len(split_ids(packed, "val")) // 2 and len(drop_repeats(ids)[0]) == ld.num_samples
+
+
+def test_remote_pattern_is_refused_clearly(packed):
+    with pytest.raises(DataError, match="manifest"):
+        loader(f"pipe:cat {packed}/val-{{000000..000001}}.tar", "val", train=True)
+
+
+def test_png_and_webp_members_are_read(tmp_path):
+    real, fake = make_image_dirs(tmp_path / "images", n_real=6, n_fake=6, size=40, seed=4)
+    rng = np.random.default_rng(9)
+    write_image(real / "extra.png", make_face(rng, 40))
+    write_image(fake / "extra.webp", make_face(rng, 40, fake=True), lossless=True)
+    out = pack_dirs(real, fake, tmp_path / "shards", "--val-fraction", "0.5", "--shard-size", "4")
+    truth = folder_labels(tmp_path / "images")
+    keys = {}
+    for split in ("train", "val"):
+        for b in loader(out, split, train=False):
+            keys.update({i: l for i, l in zip(b.ids, b.labels.tolist())})
+    assert keys == {k: float(v) for k, v in truth.items()}
+
+
+def copy_pack(packed: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "shards"
+    shutil.copytree(packed, dst)
+    return dst
+
+
+def test_missing_shard_named(packed, tmp_path):
+    data = copy_pack(packed, tmp_path)
+    (data / "train-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"train-000001\.tar.*missing.*--verify"):
+        loader(data, "train", train=True)
+
+
+@pytest.mark.timeout(120)
+def test_shard_removed_after_start_named(packed, tmp_path):
+    data = copy_pack(packed, tmp_path)
+    ld = loader(data, "val", train=False, workers=2)
+    (data / "val-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"val-000001\.tar.*--verify") as err:
+        list(ld)
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_truncated_shard_named(packed, tmp_path):
+    data = copy_pack(packed, tmp_path)
+    shard = data / "train-000002.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"train-000002\.tar.*bytes.*--verify"):
+        loader(data, "train", train=True)
+    # Without a manifest (a shard pattern) the truncation shows when the tar is read.
+    with pytest.raises(DataError, match=r"train-000002\.tar.*--verify"):
+        list(loader(f"{data}/train-{{000000..000003}}.tar", "train", train=True))
+
+
+@pytest.mark.parametrize("cut", ["boundary", "inside"])
+def test_shard_cut_after_start_named(packed, tmp_path, cut):
+    data = copy_pack(packed, tmp_path)
+    ld = loader(data, "val", train=False)
+    shard = data / "val-000001.tar"
+    with tarfile.open(shard) as tar:
+        members = list(tar)
+    third = members[6]  # first member of the third sample: a cut there leaves two whole samples
+    end = third.offset if cut == "boundary" else third.offset_data + 1
+    shard.write_bytes(shard.read_bytes()[:end])
+    with pytest.raises(DataError, match=r"val-000001\.tar.*(ends after 2 samples|cannot read).*--verify"):
+        list(ld)
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_image_named_through_workers(packed, tmp_path):
+    data = copy_pack(packed, tmp_path)
+    shard = data / "val-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar if m.name.endswith(".jpg"))
+    raw = bytearray(shard.read_bytes())
+    raw[member.offset_data: member.offset_data + member.size] = bytes(member.size)  # same size: manifest still matches
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=rf"val-000000\.tar.*{member.name[:-4]}\.jpg.*--verify") as err:
+        list(loader(data, "val", train=False, workers=2))
+    assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_few_samples_for_a_batch(packed):
+    with pytest.raises(DataError, match="batch"):
+        loader(packed, "val", train=True, world_size=2, batch_size=64)
