@@ -1,0 +1,208 @@
+"""deepfake-train: train DeepfakeNet on packed shards with accelerate, one or many processes, resumable.
+
+    accelerate launch [--multi_gpu --num_processes N] [--mixed_precision bf16] pipeline/train.py \\
+        --data PACK_OUT --out RUN_DIR [--model deepfakenet_base] [--image-size 224] ...
+    python pipeline/train.py --cpu --data PACK_OUT --out RUN_DIR ...       # one process
+
+Each process builds its own loader for its part of the data (``pipeline.loaders.build_loader`` with
+``rank``/``world_size`` from accelerate; the loader is never given to ``accelerator.prepare``);
+model, optimizer and scheduler are prepared. Validation runs every epoch on every rank's part;
+ids, scores and labels are gathered once and padded repeats dropped, so each val sample counts once.
+
+RUN_DIR (written on the main process, every file atomically): config.json, metrics.csv,
+tb/ (TensorBoard), curves.png, best.safetensors, last.safetensors, state/ (accelerate state of the
+last finished epoch, for --resume), summary.json (at the end), ranks/rank-N.json (per-rank check).
+Exit codes: 0 ok, 2 bad flag / data / run-dir error (one line).
+
+Resume: the accelerate state (model, optimizer, scheduler, RNG) and the epoch history are saved
+after every epoch into state/epoch_NNNN (written under a temp name, then renamed); --resume loads the
+newest and continues with the next epoch; loaders are re-seeded per epoch (``set_epoch``), so a
+resumed run sees the same data as an uninterrupted one. For tests, the environment variable
+DEEPFAKE_TRAIN_KILL_AT=EPOCH:STEP makes the process SIGKILL itself after that training step.
+"""
+from __future__ import annotations
+
+import sys
+
+if __package__ in (None, ""):
+    # Run as a file: the repo root goes on sys.path, and pipeline/ comes off it, else
+    # pipeline/evaluate.py etc. would shadow installed packages of the same name.
+    import os
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import argparse
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from model import MIN_IMAGE_SIZE, list_models
+from pipeline.augment import PRESETS
+from pipeline.loaders import BACKENDS
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LOSSES = ("bce", "mse")
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("no", "fp16", "bf16")
+# The original project's settings (Adam 1e-5, MSE, batch 32, 224 px, its augmentation, no schedule).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "seed": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, loss="mse", batch_size=32, image_size=224,
+                 aug="seed", schedule="constant", warmup_epochs=0.0, clip_grad=0.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting; validated on construction (errors name the flag). Saved as config.json."""
+
+    data: str
+    out: str
+    model: str = "deepfakenet_base"
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0
+    loss: str = "bce"
+    aug: str = "seed"
+    backend: str = "dali"
+    workers: int = 2
+    grad_accum: int = 1
+    seed: int = 0
+    max_steps: int = 0
+    recipe: Optional[str] = None
+    cpu: bool = False
+    mixed_precision: Optional[str] = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        def choice(flag: str, value: Any, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"--{flag} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+        def at_least(flag: str, value: float, low: float) -> None:
+            if not (value >= low):  # also rejects NaN
+                raise ValueError(f"--{flag} {value}: must be >= {low}")
+
+        choice("model", self.model, list_models())
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("loss", self.loss, LOSSES)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("aug", self.aug, PRESETS)
+        choice("backend", self.backend, BACKENDS)
+        if self.recipe is not None:
+            choice("recipe", self.recipe, tuple(RECIPES))
+        if self.mixed_precision is not None:
+            choice("mixed-precision", self.mixed_precision, PRECISIONS)
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image-size {self.image_size}: {self.model} needs at least {MIN_IMAGE_SIZE} px "
+                             f"(it downsamples by 32)")
+        for flag, value in (("epochs", self.epochs), ("batch-size", self.batch_size), ("grad-accum", self.grad_accum)):
+            at_least(flag, value, 1)
+        for flag, value in (("workers", self.workers), ("max-steps", self.max_steps), ("weight-decay", self.weight_decay),
+                            ("warmup-epochs", self.warmup_epochs), ("clip-grad", self.clip_grad)):
+            at_least(flag, value, 0)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr {self.lr}: must be a positive number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
+        if 0 < self.max_steps < self.grad_accum:
+            raise ValueError(f"--max-steps {self.max_steps}: must be >= --grad-accum {self.grad_accum}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="deepfake-train", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a DeepfakeNet real/fake detector on deepfake-pack shards (single process, or many "
+                    "under `accelerate launch`). Defaults: AdamW, lr 1e-3 for a global batch of 64, cosine "
+                    "schedule with 1 warm-up epoch, BCE loss, the `seed` augmentation.",
+        epilog="Multi-process on CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 "
+               "--num_machines 1 --mixed_precision no --dynamo_backend no pipeline/train.py ... "
+               "(`accelerate launch --cpu` alone starts one process).",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="pack output folder of deepfake-pack (with manifest.json, train and val splits)")
+    g.add_argument("--backend", default=d["backend"].default, choices=BACKENDS,
+                   help="loader backend: dali (nvJPEG + GPU ops; CPU pipeline without CUDA) or torch (webdataset + torchvision)")
+    g.add_argument("--workers", type=int, default=d["workers"].default, help="loader worker processes per rank (torch backend) / DALI threads")
+    g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
+                   help="training augmentation preset (pipeline.augment.AugConfig): none, seed (the original's), robust (+blur, JPEG)")
+    g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px (>= {MIN_IMAGE_SIZE})")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d["model"].default, help=f"model variant (model.create_model): {', '.join(list_models())}")
+    g = p.add_argument_group("optim")
+    g.add_argument("--epochs", type=int, default=d["epochs"].default, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="batch size per process")
+    g.add_argument("--lr", type=float, default=d["lr"].default,
+                   help="peak learning rate (the default suits a global batch of 64 with AdamW; scale it with the global batch)")
+    g.add_argument("--optimizer", default=d["optimizer"].default, choices=OPTIMIZERS, help="optimizer (no weight decay on BN and biases)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="weight decay of conv/linear weights")
+    g.add_argument("--schedule", default=d["schedule"].default, choices=SCHEDULES, help="LR schedule after the warm-up")
+    g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"].default, help="linear LR warm-up, in epochs (may be fractional)")
+    g.add_argument("--min-lr-ratio", type=float, default=d["min_lr_ratio"].default, help="cosine schedule ends at lr x this")
+    g.add_argument("--clip-grad", type=float, default=d["clip_grad"].default, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--loss", default=d["loss"].default, choices=LOSSES,
+                   help="bce: BCE with logits; mse: squared error of sigmoid(logit) vs the 0/1 label (the original's)")
+    g.add_argument("--grad-accum", type=int, default=d["grad_accum"].default,
+                   help="gradient accumulation steps (steps per epoch are rounded down to a multiple)")
+    g.add_argument("--recipe", default=None, choices=tuple(RECIPES),
+                   help="preset of defaults; 'seed' = the original project (Adam 1e-5, MSE, batch 32, 224 px, seed aug, "
+                        "constant LR); flags given explicitly still win")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory (config.json, metrics.csv, checkpoints, state/, summary.json)")
+    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of model init, data order and augmentation")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch "
+                   "(settings must match its config.json); starts it if it has no saved state")
+    g.add_argument("--max-steps", type=int, default=d["max_steps"].default,
+                   help="stop each epoch after this many batches per process (smoke runs; 0 = full epochs)")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available (Accelerator(cpu=True))")
+    g.add_argument("--mixed-precision", default=None, choices=PRECISIONS,
+                   help="override accelerate's mixed precision (default: what `accelerate launch --mixed_precision` set, else no)")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse twice when --recipe is given: the recipe sets defaults, explicit flags still win."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.recipe:
+        parser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = TrainConfig.from_args(args)
+    except ValueError as e:
+        logger.error("error: %s", e)
+        return 2
+    from pipeline.train_loop import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The body of `pipeline.train`: set up accelerate, loaders and model, run the epochs, write RUN_DIR."""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from model import count_params, create_model
+from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
+from pipeline.data import DataError, resolve_shards
+from pipeline.loaders import build_loader
+from pipeline.metrics import format_metrics, plot_history, to_jsonable
+from pipeline.train_utils import (
+    Progress, RunError, build_optimizer, build_scheduler, check_run_dir, evaluate, latest_state,
+    load_training_state, save_training_state, selection_score, train_epoch, write_metrics_csv,
+)
+from shard_tools.fsutil import atomic_write_json
+
+logger = logging.getLogger("pipeline.train")
+
+
+class _Setup:
+    """Everything built before the first epoch (per process)."""
+
+    def __init__(self, cfg, accelerator) -> None:
+        out = Path(cfg.out)
+        world = accelerator.num_processes
+        # Every rank checks before the main process writes anything, so all agree on the outcome.
+        check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
+        train_set = resolve_shards(cfg.data, "train")
+        val_set = resolve_shards(cfg.data, "val")
+        if train_set.num_samples is not None and train_set.num_samples // world < cfg.batch_size:
+            raise RunError(
+                f"--batch-size {cfg.batch_size}: larger than each process's share of the train split "
+                f"({train_set.num_samples} samples / {world} processes = {train_set.num_samples // world}); lower it"
+            )
+        common = dict(backend=cfg.backend, device=accelerator.device, batch_size=cfg.batch_size,
+                      image_size=cfg.image_size, rank=accelerator.process_index, world_size=world,
+                      seed=cfg.seed, num_workers=cfg.workers)
+        self.train_loader = build_loader(cfg.data, "train", train=True, aug=cfg.aug, **common)
+        self.val_loader = build_loader(cfg.data, "val", train=False, aug="none", **common)
+        steps = len(self.train_loader)
+        if cfg.max_steps:
+            steps = min(steps, cfg.max_steps)
+        steps -= steps % cfg.grad_accum  # accumulation never spans two epochs
+        if steps < 1:
+            raise RunError(f"--grad-accum {cfg.grad_accum}: more than the {len(self.train_loader)} batches per epoch "
+                           f"of each process; lower it or --batch-size")
+        self.steps = steps
+        self.n_train, self.n_val = train_set.num_samples, val_set.num_samples
+
+
+def run(cfg) -> int:
+    """Train as ``cfg`` says; returns the exit code (2 with a one-line error for bad settings/data)."""
+    from accelerate import Accelerator
+
+    # step_scheduler_with_optimizer=False: a prepared scheduler would otherwise step num_processes
+    # times per optimizer step, which assumes a dataloader that accelerate shards (ours is per rank).
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.grad_accum, step_scheduler_with_optimizer=False)
+    main_proc = accelerator.is_main_process
+    if not main_proc:
+        logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines
+    try:
+        try:
+            setup = _Setup(cfg, accelerator)
+        except (ValueError, DataError, CheckpointError) as e:
+            if main_proc:
+                logger.error("error: %s", e)
+            return 2
+        return _train(cfg, accelerator, setup)
+    finally:
+        accelerator.end_training()
+
+
+def _train(cfg, accelerator, setup: _Setup) -> int:
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.out)
+    main_proc = accelerator.is_main_process
+    set_seed(cfg.seed)
+    model = create_model(cfg.model)
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    opt_steps = setup.steps // cfg.grad_accum
+    scheduler = build_scheduler(optimizer, schedule=cfg.schedule, total_steps=cfg.epochs * opt_steps,
+                                warmup_steps=round(cfg.warmup_epochs * opt_steps), min_lr_ratio=cfg.min_lr_ratio)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    progress = Progress()
+    state = latest_state(out) if cfg.resume else None
+    if state is not None:
+        progress = Progress.from_dict(load_training_state(accelerator, state))
+        logger.info("resuming %s after epoch %d (state %s)", out, progress.epoch, state)
+    elif cfg.resume:
+        logger.info("--resume: %s has no saved state; starting from epoch 1", out)
+    if main_proc:
+        atomic_write_json(out / "config.json", cfg.to_dict())
+    accelerator.wait_for_everyone()
+    if progress.epoch >= cfg.epochs and (out / "summary.json").exists():
+        logger.info("%s already finished all %d epochs; nothing to do", out, cfg.epochs)
+        return 0
+
+    tb = None
+    if main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"), purge_step=progress.epoch + 1)  # drops events of an unfinished epoch
+    world = accelerator.num_processes
+    logger.info("%s: %s params, %d process(es) on %s (%s, mixed precision %s), %d steps/epoch of %d x %d, %s backend",
+                cfg.model, f"{count_params(accelerator.unwrap_model(model)):,}", world, accelerator.device,
+                accelerator.distributed_type.value, accelerator.mixed_precision, setup.steps, cfg.batch_size, world,
+                cfg.backend)
+    ids_checksum = 0
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        tr = train_epoch(accelerator, model, setup.train_loader, optimizer, scheduler, epoch=epoch,
+                         steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad)
+        ids_checksum = tr.ids_checksum
+        t_val = time.perf_counter()
+        val = evaluate(accelerator, model, setup.val_loader, loss_kind=cfg.loss, epoch=epoch)
+        val_s = time.perf_counter() - t_val
+        row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": val["loss"], "val_acc": val["accuracy"],
+               "val_auc": val["roc_auc"], "val_ap": val["average_precision"], "val_eer": val["eer"],
+               "img_s": tr.img_s, "data_wait_s": tr.data_wait_s, "compute_s": tr.compute_s,
+               "lr": scheduler.get_last_lr()[0], "val_s": val_s, "train_samples": tr.samples}
+        progress.history.append(to_jsonable(row))
+        progress.epoch = epoch
+        progress.train_time_s += time.perf_counter() - t_epoch
+        score = selection_score(val)
+        improved = score > progress.best_score
+        if improved:
+            progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
+        if main_proc:
+            _write_epoch_outputs(cfg, out, accelerator.unwrap_model(model), val, progress, improved, tb)
+        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
+                    "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
+                    tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
+        save_training_state(accelerator, out, epoch, progress.as_dict())
+    if tb is not None:
+        tb.close()
+    _write_final(cfg, out, accelerator, model, setup, progress, ids_checksum)
+    return 0
+
+
+def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
+    meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
+            "model_kwargs": {}, "train_config": cfg.to_dict()}
+    save_checkpoint(out / LAST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
+    if improved:
+        save_checkpoint(out / BEST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
+    write_metrics_csv(out / "metrics.csv", progress.history)
+    plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {Path(cfg.data).name}")
+    row = progress.history[-1]
+    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("val_acc", "val/accuracy"),
+                     ("val_auc", "val/roc_auc"), ("val_ap", "val/average_precision"), ("val_eer", "val/eer"),
+                     ("img_s", "perf/img_s"), ("data_wait_s", "perf/data_wait_s"), ("compute_s", "perf/compute_s"),
+                     ("lr", "lr")):
+        if row.get(key) is not None:
+            tb.add_scalar(tag, row[key], progress.epoch)
+    tb.flush()
+
+
+def _param_checksum(model) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+
+
+def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Progress, ids_checksum: int) -> None:
+    last = progress.history[-1] if progress.history else {}
+    rank_info = {
+        "process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
+        "steps_per_epoch": setup.steps, "train_samples_per_epoch": setup.steps * cfg.batch_size,
+        "train_ids_checksum_last_epoch": ids_checksum, "epochs": progress.epoch,
+        "param_checksum": _param_checksum(accelerator.unwrap_model(model)),
+        "final_val": {k: last.get(k) for k in ("val_loss", "val_acc", "val_auc", "val_ap", "val_eer")},
+    }
+    atomic_write_json(out / "ranks" / f"rank-{accelerator.process_index}.json", to_jsonable(rank_info))
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    import accelerate
+
+    summary = {
+        "tool": "deepfake-train", "model": cfg.model, "params": count_params(accelerator.unwrap_model(model)),
+        "image_size": cfg.image_size, "num_processes": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value, "mixed_precision": accelerator.mixed_precision,
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor() or "cpu",
+        "backend": cfg.backend, "epochs": progress.epoch, "steps_per_epoch": setup.steps,
+        "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
+        "train_samples": setup.n_train, "val_samples": setup.n_val,
+        "best_epoch": progress.best_epoch, "best": progress.best_metrics, "final": last,
+        "train_time_s": progress.train_time_s,
+        "mean_img_s": _mean([r.get("img_s") for r in progress.history]),
+        "data_wait_fraction": _ratio(progress.history),
+        "checkpoints": {"best": BEST, "last": LAST},
+        "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()},
+    }
+    atomic_write_json(out / "summary.json", to_jsonable(summary))
+    best = progress.best_metrics
+    logger.info("done: best epoch %s  val acc %.4f  AUC %.4f  EER %.4f  -> %s", progress.best_epoch,
+                best.get("accuracy") or math.nan, best.get("roc_auc") or math.nan, best.get("eer") or math.nan, out)
+
+
+def _mean(values) -> Optional[float]:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ratio(history) -> Optional[float]:
+    wait = sum(r.get("data_wait_s") or 0.0 for r in history)
+    busy = wait + sum(r.get("compute_s") or 0.0 for r in history)
+    return wait / busy if busy > 0 else None
