@@ -25,6 +25,9 @@ def atomic_open(path: Union[str, Path], mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)  # mkstemp makes 0600 files: give the final file the usual permissions
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
