@@ -113,13 +113,21 @@ class AugConfig:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or 0..1 float NCHW RGB -> float32 normalised with MEAN/STD, on the input's device."""
-    x = images.float()
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    """uint8 (0..255) NCHW RGB -> float32 normalised with MEAN/STD, on the input's device."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize expects a uint8 batch, got {images.dtype}")
+    return normalize_(images.float())
+
+
+def normalize_(x: torch.Tensor) -> torch.Tensor:
+    """In place on float 0..255 NCHW: ``(x / 255 - MEAN) / STD`` as one multiply and one add.
+
+    Two in-place ops instead of four allocating ones: about 3x faster on a CPU, where this is
+    a visible share of a loader's cost.
+    """
     std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return x.mul_(1.0 / (255.0 * std)).add_(-mean / std)
 
 
 def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from pipeline.augment import MEAN, STD, AugConfig, resize_uint8
+from pipeline.augment import AugConfig, normalize_, resize_uint8
 
 
 @dataclass
@@ -209,13 +209,3 @@ def augment_batch(images: torch.Tensor, cfg: AugConfig, image_size: int, generat
         return normalize_(resize_uint8(images, image_size).float())
     params = draw_params(images.shape[0], cfg, generator)
     return normalize_(apply_params(images, params, image_size))
-
-
-def normalize_(x: torch.Tensor) -> torch.Tensor:
-    """In place on float 0..255 NCHW: the same operations, in the same order, as
-    `pipeline.augment.normalize` on the uint8 image (so the results are bit-identical), without
-    allocating three more batch-sized tensors."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.div_(255.0).sub_(mean).div_(std)
-

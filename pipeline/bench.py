@@ -1,0 +1,260 @@
+"""`deepfake-bench`: loader throughput with its limits and baselines, all rows in one run.
+
+Rows, measured on the same images side by side, each in a fresh process (so peak memory is the
+row's own): (1) read only: raw tar streaming; (2) decode-only limit: libjpeg-turbo decode of the
+shard JPEGs in --workers processes; (3) the original project's per-file cv2 + float v2 loader;
+(4) naive webdataset + PIL + per-sample transforms; (5) each `build_loader` backend, train (aug
+``seed``) and eval (``none``); (6) data stall: training steps fed by the best loader vs synthetic
+tensors; (7) the packer on the folders (25% and 100% of the files) beside decode-only on the same
+files. Each row: img/s (median of --repeats timed windows after --warmup batches), ratios to the
+decode-only limit and to the original baseline, peak RSS of the process tree, CPU %.
+
+    python pipeline/bench.py --data PACK_OUT --images-real DIR --images-fake DIR --json bench.json --plot bench.png
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from pipeline.bench_harness import run_row
+from pipeline.bench_report import add_ratios, plot, table
+from shard_tools.fsutil import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+ROW_GROUPS = ("read", "decode", "original", "wds", "loaders", "stall", "pack")
+BACKENDS = ("dali", "torch")
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _csv(choices):
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose a comma-separated subset of {', '.join(choices)}")
+        return items
+    return parse
+
+
+def _positive(name: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} {text!r}: expected an integer >= {minimum}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name} {v}: must be >= {minimum}")
+        return v
+    return parse
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deepfake-bench", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Loader throughput benchmark: read-only and decode-only limits, the original project's "
+                    "loader, naive webdataset, each build_loader backend, data stall and pack throughput, "
+                    "measured in one run on the same images.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, help="pack output folder (with manifest.json) or a shard pattern")
+    g.add_argument("--split", default="train", help="split of --data to read")
+    g.add_argument("--images-real", default=None, help="folder of real images that was packed (rows 3 and 7)")
+    g.add_argument("--images-fake", default=None, help="folder of fake images that was packed (rows 3 and 7)")
+    g = p.add_argument_group("loaders")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="device of the loader and model rows; auto = cuda when available")
+    g.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
+                   help=f"build_loader backends to time, comma-separated from {','.join(BACKENDS)}")
+    g.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="images per batch in every row")
+    g.add_argument("--image-size", type=_positive("--image-size", 8), default=224, help="output side in pixels")
+    g.add_argument("--workers", type=_positive("--workers", 0), default=_cpus(),
+                   help="worker processes of every loader, of decode-only and of the packer")
+    g.add_argument("--decode-samples", type=_positive("--decode-samples"), default=2048,
+                   help="encoded images held in memory and cycled by the decode-only row")
+    g.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation")
+    g = p.add_argument_group("timing")
+    g.add_argument("--rows", type=_csv(ROW_GROUPS), default=list(ROW_GROUPS),
+                   help=f"row groups to run, comma-separated from {','.join(ROW_GROUPS)}")
+    g.add_argument("--warmup", type=_positive("--warmup", 0), default=20, help="untimed batches before timing")
+    g.add_argument("--batches", type=_positive("--batches"), default=100, help="batches per timed window")
+    g.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed windows per row; the median is reported")
+    g.add_argument("--row-timeout", type=_positive("--row-timeout"), default=900,
+                   help="seconds after which a row's process is killed and the row reported as failed")
+    g = p.add_argument_group("model (data stall row)")
+    g.add_argument("--model", default=None,
+                   help="model of the stall row; default deepfakenet_tiny on cpu, deepfakenet_base on cuda")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="autocast of the stall row's steps; auto = bf16 on cuda, fp32 on cpu")
+    g.add_argument("--model-threads", type=_positive("--model-threads", 0), default=0,
+                   help="torch threads of the stall row's steps on cpu; 0 = the cores the --workers leave free (at least 1)")
+    g.add_argument("--stall-warmup", type=_positive("--stall-warmup", 0), default=3, help="untimed burn-in steps")
+    g.add_argument("--stall-steps", type=_positive("--stall-steps"), default=10, help="training steps per timed window")
+    g = p.add_argument_group("packer row")
+    g.add_argument("--pack-repeats", type=_positive("--pack-repeats"), default=1, help="pack runs per packer row")
+    g.add_argument("--tmp-dir", default=None, help="where the packer row writes its temporary output")
+    g = p.add_argument_group("output")
+    g.add_argument("--json", default=None, help="write every row, the summary and the settings to this JSON file")
+    g.add_argument("--plot", default=None, help="write a bar chart of img/s per row to this PNG file")
+    return p
+
+
+def plan_rows(args: argparse.Namespace) -> List[dict]:
+    """The rows to run, in order: ``{kind, names, labels, group, extra params}``."""
+    dev = args.device
+    plan = []
+    add = plan.append
+    if "read" in args.rows:
+        add(dict(kind="read", names=["read"], labels=["1 read only (tar stream)"], group="io"))
+    if "decode" in args.rows:
+        add(dict(kind="decode", names=["decode"], labels=["2 decode-only limit"], group="limit"))
+    if "original" in args.rows:
+        add(dict(kind="original", names=["original"], labels=["3 original project (folders)"], group="baseline"))
+    if "wds" in args.rows:
+        add(dict(kind="wds", names=["wds"], labels=["4 naive webdataset + PIL"], group="naive"))
+    if "loaders" in args.rows:
+        for backend in args.backends:
+            for train in (True, False):
+                mode = "train aug=seed" if train else "eval aug=none"
+                add(dict(kind="loader", names=[f"{backend}_{'train' if train else 'eval'}"],
+                         labels=[f"5 {backend} {mode} ({dev})"], group="loader",
+                         extra=dict(backend=backend, train=train)))
+    if "stall" in args.rows:
+        add(dict(kind="stall", names=["stall_synthetic", "stall_fed"],
+                 labels=[f"6 {args.model} steps, synthetic ({dev})", f"6 {args.model} steps, fed by loader ({dev})"],
+                 group="stall"))
+    if "pack" in args.rows:
+        add(dict(kind="pack", names=["pack_25"], labels=["7 pack, 25% of files"], group="pack",
+                 extra=dict(pack_fraction=0.25)))
+        add(dict(kind="pack", names=["pack_100"], labels=["7 pack, all files"], group="pack",
+                 extra=dict(pack_fraction=1.0)))
+        add(dict(kind="decode_files", names=["decode_files"], labels=["7 decode-only, same files"], group="pack"))
+    return plan
+
+
+def precheck(spec: dict, args: argparse.Namespace) -> Optional[str]:
+    """Why a row cannot run here (checked before starting its process), or None."""
+    if spec["kind"] in ("original", "pack", "decode_files") and not args.images_real:
+        return "needs --images-real and --images-fake (the image folders that were packed)"
+    if spec["kind"] in ("loader", "stall") and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda but CUDA is not available here"
+    return None
+
+
+def _machine(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus(),
+            "torch": torch.__version__, "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    from pipeline.data import DataError, resolve_shards
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.model = args.model or ("deepfakenet_base" if args.device == "cuda" else "deepfakenet_tiny")
+    if "stall" in args.rows:
+        from model import list_models
+
+        if args.model not in list_models():
+            logger.error("--model %r: choose one of %s", args.model, ", ".join(list_models()))
+            return 2
+    if args.model_threads == 0:
+        args.model_threads = max(1, _cpus() - args.workers)
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    if bool(args.images_real) != bool(args.images_fake):
+        logger.error("--images-real and --images-fake go together: give both folders or neither")
+        return 2
+    for flag, folder in (("--images-real", args.images_real), ("--images-fake", args.images_fake)):
+        if folder and not Path(folder).is_dir():
+            logger.error("%s %s: not a folder", flag, folder)
+            return 2
+    try:
+        shards = resolve_shards(args.data, args.split)
+    except DataError as e:
+        logger.error("%s", e)
+        return 2
+    base = {k: v for k, v in vars(args).items() if k not in ("rows", "backends", "json", "plot")}
+    logger.info("deepfake-bench: %d shard(s) of split %r, batch %d, %d px, %d workers, device %s",
+                len(shards.shards), args.split, args.batch_size, args.image_size, args.workers, args.device)
+
+    rows: List[dict] = []
+    plan = plan_rows(args)
+    for spec in tqdm(plan, desc="bench rows", unit="row"):
+        params = {**base, **spec.get("extra", {})}
+        if spec["kind"] == "stall":
+            loaders = [r for r in rows if r.get("group") == "loader" and r.get("train") and r.get("status") == "ok"]
+            params["stall_backend"] = max(loaders, key=lambda r: r["img_s"])["backend"] if loaders else None
+        reason = precheck(spec, args)
+        if not reason and spec["kind"] == "stall" and not params["stall_backend"]:
+            reason = "no train loader row ran ok in this run (--rows loaders), so nothing can feed the model"
+        if reason:
+            status, payload, detail = "skipped", reason, None
+        else:
+            status, payload, detail = run_row(spec["kind"], params, timeout=args.row_timeout)
+        results = payload if status == "ok" else [{"status": status, "reason": payload} for _ in spec["names"]]
+        for name, label, res in zip(spec["names"], spec["labels"], results):
+            rows.append({"name": name, "label": label, "group": spec["group"], **spec.get("extra", {}), **res})
+        if status == "failed":
+            logger.warning("row %s failed: %s%s", spec["names"][0], payload, f"\n{detail}" if detail else "")
+        elif status == "skipped":
+            logger.info("row %s skipped: %s", spec["names"][0], payload)
+    summary = add_ratios(rows)
+
+    logger.info("\n%s", table(rows))
+    for key, value in summary.items():
+        logger.info("%s: %s", key, value)
+    report = {
+        "tool": "deepfake-bench", "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "args": {**vars(args), "rows": args.rows, "backends": args.backends},
+        "machine": _machine(args.device),
+        "data": {"split": args.split, "shards": len(shards.shards), "num_samples": shards.num_samples},
+        "rows": rows, "summary": summary,
+    }
+    if args.json:
+        atomic_write_json(args.json, report)
+        logger.info("wrote %s", args.json)
+    if args.plot:
+        title = (f"deepfake-bench: {args.device}, {report['machine']['cpus']} CPUs, batch {args.batch_size}, "
+                 f"{args.image_size} px, {args.workers} workers")
+        plot(rows, Path(args.plot), title)
+        logger.info("wrote %s", args.plot)
+    failed = [r["name"] for r in rows if r["status"] == "failed"]
+    if failed:
+        logger.error("%d row(s) failed: %s", len(failed), ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

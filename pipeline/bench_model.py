@@ -1,0 +1,188 @@
+"""Rows of `pipeline.bench` that run a model or the packer: data stall and pack throughput.
+
+Data stall (nanoGPT ``bench.py`` idea): the same training step (forward, backward, optimizer) timed
+after a burn-in, once fed by synthetic tensors already on the device and once fed by the best loader;
+``stall = 1 - real / synthetic``. On a CPU the loader workers and the model share the cores, so the
+stall there also measures that contention.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, List, Tuple
+
+import torch
+
+from pipeline.bench_harness import SkipRow, Stream, TreeMonitor, measure_stream
+from pipeline.bench_rows import MB, cuda_check, list_images, open_loader
+
+logger = logging.getLogger(__name__)
+
+
+def _train_step(params: dict) -> Tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.device]:
+    try:
+        from model import create_model
+    except ImportError as e:
+        raise SkipRow(f"model package not available: {e}") from e
+    cuda_check(params["device"])
+    device = torch.device(params["device"])
+    if device.type == "cpu":
+        # OpenMP threads spinning on cores the loader workers use slow a step down many times over
+        torch.set_num_threads(params["model_threads"])
+    torch.manual_seed(params["seed"])
+    model = create_model(params["model"]).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = params["precision"] == "bf16"
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with ctx:
+            logits = model(x).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step, device
+
+
+def row_stall(params: dict, monitor: TreeMonitor) -> List[dict]:
+    backend = params.get("stall_backend")
+    if not backend:
+        raise SkipRow("no loader row ran in this run (see the loader rows), so there is nothing to feed the model")
+    from model import MIN_IMAGE_SIZE
+
+    if params["image_size"] < MIN_IMAGE_SIZE:
+        raise SkipRow(f"--image-size {params['image_size']} is below the model's minimum {MIN_IMAGE_SIZE}")
+    step, device = _train_step(params)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    b, s = params["batch_size"], params["image_size"]
+    timing = dict(warmup=params["stall_warmup"], batches=params["stall_steps"], repeats=params["repeats"])
+    common = dict(model=params["model"], precision=params["precision"], device=str(device),
+                  threads=torch.get_num_threads())
+
+    gen = torch.Generator(device="cpu").manual_seed(params["seed"])
+    x = torch.randn(b, 3, s, s, generator=gen).to(device)
+    y = torch.randint(0, 2, (b,), generator=gen).float().to(device)
+
+    def synthetic() -> Iterator[Tuple[int, int]]:
+        while True:
+            step(x, y)
+            yield b, 0
+
+    synth = measure_stream(Stream(synthetic(), sync=sync), monitor, **timing).summary()
+    synth_mem = monitor.memory()
+
+    loader = open_loader(params, backend, train=True, aug="seed")
+    waits: List[float] = []
+
+    def real() -> Iterator[Tuple[int, int]]:
+        it = iter(_batches(loader))
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it)
+            waits.append(time.perf_counter() - t0)
+            step(batch.images, batch.labels)
+            yield int(batch.images.shape[0]), 0
+
+    try:
+        fed = measure_stream(Stream(real(), sync=sync), monitor, **timing).summary()
+    finally:
+        getattr(loader, "close", lambda: None)()
+    timed_steps = timing["batches"] * timing["repeats"]
+    timed_wall = sum(fed["timed_images"] / len(fed["img_s_repeats"]) / v for v in fed["img_s_repeats"])
+    wait_pct = 100.0 * sum(waits[-timed_steps:]) / timed_wall if timed_wall > 0 else None
+    stall = 100.0 * (1.0 - fed["img_s"] / synth["img_s"])
+    return [
+        {"status": "ok", "processes": 1, **synth, **common, **synth_mem,
+         "note": f"train steps of {params['model']} ({params['precision']}, {torch.get_num_threads()} threads) "
+                 f"on synthetic tensors on {device}",
+         "memory": "constant: model, optimizer state, one batch"},
+        {"status": "ok", "processes": 1 + params["workers"], **fed, **common, "backend": backend,
+         "stall_percent": round(stall, 1), "data_wait_percent": None if wait_pct is None else round(wait_pct, 1),
+         **monitor.memory(),
+         "note": f"the same steps fed by build_loader(backend={backend}, aug=seed): stall {stall:.1f}% "
+                 f"(1 - fed/synthetic), time waiting for data {wait_pct or 0:.1f}%",
+         "memory": "constant: model + loader (peak includes the synthetic phase)"},
+    ]
+
+
+def _batches(loader) -> Iterator:
+    """Endless batches of a loader, epoch after epoch."""
+    for epoch in range(1 << 30):
+        loader.set_epoch(epoch)
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch
+        if n == 0:
+            raise RuntimeError("the loader yielded no batch in a whole epoch (fewer samples than --batch-size?)")
+
+
+def _subset_dirs(items: List[Tuple[str, int]], fraction: float, root: Path) -> Tuple[Path, Path, int]:
+    """Folders of symlinks to every k-th file of each class (k = 1 / fraction)."""
+    step = max(1, round(1 / fraction))
+    dirs = (root / "real", root / "fake")
+    n = 0
+    for label, folder in enumerate(dirs):
+        folder.mkdir(parents=True)
+        files = [p for p, lab in items if lab == label][::step]
+        for i, path in enumerate(files):
+            os.symlink(os.path.abspath(path), folder / f"{i:07d}{Path(path).suffix.lower()}")
+        n += len(files)
+    return dirs[0], dirs[1], n
+
+
+def row_pack(params: dict, monitor: TreeMonitor) -> List[dict]:
+    items = list_images(params)
+    try:
+        from shard_tools.pack import main as pack_main
+    except ImportError as e:
+        raise SkipRow(f"shard_tools.pack not available: {e}") from e
+    fraction = params["pack_fraction"]
+    workers = max(1, params["workers"])
+    import statistics
+
+    rates, mbs, cpus = [], [], []
+    with tempfile.TemporaryDirectory(prefix="deepfake-bench-pack-", dir=params.get("tmp_dir")) as tmp:
+        tmp = Path(tmp)
+        if fraction < 1.0:
+            real, fake, n = _subset_dirs(items, fraction, tmp / "input")
+            nbytes = sum(os.path.getsize(p) for p in (real / f for f in os.listdir(real))) + \
+                sum(os.path.getsize(p) for p in (fake / f for f in os.listdir(fake)))
+        else:
+            real, fake, n = Path(params["images_real"]), Path(params["images_fake"]), len(items)
+            nbytes = sum(os.path.getsize(p) for p, _ in items)
+        monitor.reset_peak()
+        for r in range(params["pack_repeats"]):
+            out = tmp / f"out{r}"
+            cpu0 = monitor.poll()
+            t0 = time.perf_counter()
+            rc = pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", str(workers)])
+            dt = time.perf_counter() - t0
+            cpus.append(100.0 * (monitor.poll() - cpu0) / dt)
+            if rc != 0:
+                raise RuntimeError(f"deepfake-pack exited {rc} on {real} / {fake}")
+            rates.append(n / dt)
+            mbs.append(nbytes / dt / MB)
+            shutil.rmtree(out)
+    pct = round(100 * fraction)
+    return [{
+        "status": "ok", "processes": workers, "img_s": statistics.median(rates),
+        "img_s_repeats": [round(v, 2) for v in rates], "mb_s": statistics.median(mbs),
+        "cpu_percent": statistics.median(cpus), "timed_images": n * len(rates),
+        **monitor.memory(),
+        "files": n, "input_mb": round(nbytes / MB, 1), "pack_fraction": fraction,
+        "note": f"shard_tools.pack on {pct}% of the folder files ({n}), --workers {workers}, "
+                f"{params['pack_repeats']} run(s), into a temp dir",
+        "memory": "must not grow with bytes packed: compare the peak RSS of the 25% and 100% rows",
+    }]
+
+
+ROW_FUNCS = {"stall": row_stall, "pack": row_pack}
