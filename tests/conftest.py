@@ -74,3 +74,36 @@ def packed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("packed")
     real, fake = make_image_dirs(root / "images", n_real=40, n_fake=40, size=48, seed=1)
     return pack_dirs(real, fake, root / "shards", "--val-fraction", "0.25", "--shard-size", "10", "--min-shards", "2")
+
+
+TRAINED_IMAGE_SIZE = 48  # the `packed` fixture's image side
+
+
+@pytest.fixture(scope="session")
+def trained(packed, tmp_path_factory) -> Path:
+    """A run dir with best.safetensors of deepfakenet_tiny trained 4 epochs on packed/train.
+
+    Trained with the real torch loader and saved with `save_checkpoint`; read-only for tests.
+    """
+    import torch
+
+    from model import create_model
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.loaders import build_loader
+
+    torch.manual_seed(0)
+    model = create_model("deepfakenet_tiny")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loader = build_loader(packed, "train", backend="torch", batch_size=16, image_size=TRAINED_IMAGE_SIZE, train=True,
+                          aug="none", num_workers=0, seed=0)
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch.images).squeeze(1), batch.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    run = tmp_path_factory.mktemp("run")
+    save_checkpoint(run / "best.safetensors", model.eval(), model_name="deepfakenet_tiny", image_size=TRAINED_IMAGE_SIZE,
+                    extra={"epoch": 3})
+    return run

@@ -1,7 +1,7 @@
 """evaluate: shards vs folders agree, metrics vs scikit-learn, skipped files, robustness, CLI errors.
 
 A tiny DeepfakeNet is trained for a few steps on the `packed` fixture through the real torch loader
-and saved with `save_checkpoint` (the `trained` fixture, also imported by test_predict/test_export).
+and saved with `save_checkpoint` (the session-scoped `trained` fixture of conftest.py).
 """
 from __future__ import annotations
 
@@ -23,31 +23,7 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.degrade import SWEEP, Degradation, default_sweep
 from pipeline.folders import ImageItems, Item
 
-IMAGE_SIZE = 48  # the packed fixture's image side; other tests use other sizes so the eval resize runs
-
-
-@pytest.fixture(scope="module")
-def trained(packed, tmp_path_factory) -> Path:
-    """A run dir with best.safetensors of deepfakenet_tiny trained a few steps on packed/train."""
-    from model import create_model
-    from pipeline.loaders import build_loader
-
-    torch.manual_seed(0)
-    model = create_model("deepfakenet_tiny")
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = build_loader(packed, "train", backend="torch", batch_size=16, image_size=IMAGE_SIZE, train=True,
-                          aug="none", num_workers=0, seed=0)
-    for epoch in range(4):
-        loader.set_epoch(epoch)
-        for batch in loader:
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch.images).squeeze(1), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best.safetensors", model.eval(), model_name="deepfakenet_tiny", image_size=IMAGE_SIZE,
-                    extra={"epoch": 3})
-    return run
+from conftest import TRAINED_IMAGE_SIZE as IMAGE_SIZE  # the packed fixture's image side
 
 
 def resized_checkpoint(run: Path, size: int, out: Path) -> Path:

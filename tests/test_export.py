@@ -13,7 +13,6 @@ from conftest import make_face
 from pipeline import export
 from pipeline.augment import normalize, resize_uint8
 from pipeline.checkpoint import load_checkpoint
-from test_evaluate import trained  # noqa: F401  (module-scoped fixture: a tiny trained checkpoint)
 
 
 def real_batch(n: int, size: int) -> torch.Tensor:
@@ -22,7 +21,7 @@ def real_batch(n: int, size: int) -> torch.Tensor:
     return normalize(torch.stack([resize_uint8(x, size) for x in imgs]))
 
 
-def test_dynamic_batch_matches_pytorch(trained, tmp_path):  # noqa: F811
+def test_dynamic_batch_matches_pytorch(trained, tmp_path):
     path = tmp_path / "m.onnx"
     assert export.main(["--checkpoint", str(trained), "--onnx", str(path), "--dynamic-batch"]) == 0
     proto = onnx.load(str(path))
@@ -45,7 +44,7 @@ def test_dynamic_batch_matches_pytorch(trained, tmp_path):  # noqa: F811
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_fixed_batch_other_size(trained, tmp_path, caplog):  # noqa: F811
+def test_fixed_batch_other_size(trained, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     path = tmp_path / "fixed.onnx"
     rc = export.main(["--checkpoint", str(trained / "best.safetensors"), "--onnx", str(path), "--image-size", "64",
@@ -62,7 +61,7 @@ def test_fixed_batch_other_size(trained, tmp_path, caplog):  # noqa: F811
         np.testing.assert_allclose(logit, model(x)[:, 0].numpy(), atol=1e-4)
 
 
-def test_mismatch_above_tolerance_writes_nothing(trained, tmp_path, monkeypatch, caplog):  # noqa: F811
+def test_mismatch_above_tolerance_writes_nothing(trained, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(export, "compare_onnx", lambda *a, **k: {"logit": 0.3, "p_fake": 0.07})
     path = tmp_path / "m.onnx"
     assert export.main(["--checkpoint", str(trained), "--onnx", str(path)]) == 1

@@ -15,7 +15,6 @@ from conftest import make_face, write_image
 from pipeline import predict
 from pipeline.augment import normalize, resize_uint8
 from pipeline.checkpoint import load_checkpoint
-from test_evaluate import trained  # noqa: F401  (module-scoped fixture: a tiny trained checkpoint)
 
 
 def reference_p_fake(run: Path, paths: list[Path]) -> np.ndarray:
@@ -44,7 +43,7 @@ def read_csv(text: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def test_files_folders_and_bad_files(trained, inputs, tmp_path):  # noqa: F811
+def test_files_folders_and_bad_files(trained, inputs, tmp_path):
     out = tmp_path / "preds.csv"
     rc = predict.main(["--checkpoint", str(trained), str(inputs["single"]), str(inputs["bad"]), str(inputs["folder"]),
                        "--out", str(out), "--batch-size", "3", "--workers", "1", "--device", "cpu", "--threshold", "0.4"])
@@ -66,7 +65,7 @@ def test_files_folders_and_bad_files(trained, inputs, tmp_path):  # noqa: F811
         assert r["label"] == ("fake" if float(r["p_fake"]) >= 0.4 else "real")
 
 
-def test_json_output_and_stdout(trained, inputs, tmp_path, capsys):  # noqa: F811
+def test_json_output_and_stdout(trained, inputs, tmp_path, capsys):
     out = tmp_path / "preds.json"
     args = ["--checkpoint", str(trained / "best.safetensors"), str(inputs["folder"]), str(inputs["bad"]),
             "--workers", "0", "--device", "cpu"]
@@ -89,7 +88,7 @@ def test_json_output_and_stdout(trained, inputs, tmp_path, capsys):  # noqa: F81
             assert float(r["p_fake"]) == pytest.approx(by_json[r["path"]], abs=1e-6)
 
 
-def test_only_bad_files_exit_1(trained, inputs, tmp_path, caplog):  # noqa: F811
+def test_only_bad_files_exit_1(trained, inputs, tmp_path, caplog):
     out = tmp_path / "p.csv"
     assert predict.main(["--checkpoint", str(trained), str(inputs["bad"]), "--out", str(out), "--workers", "0",
                          "--device", "cpu"]) == 1
@@ -97,7 +96,7 @@ def test_only_bad_files_exit_1(trained, inputs, tmp_path, caplog):  # noqa: F811
     assert f"could not read {inputs['bad']}: not-an-image" in caplog.text
 
 
-def test_cli_errors(trained, tmp_path, caplog, capsys):  # noqa: F811
+def test_cli_errors(trained, tmp_path, caplog, capsys):
     with pytest.raises(SystemExit) as e:
         predict.main(["--help"])
     assert e.value.code == 0
