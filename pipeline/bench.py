@@ -34,7 +34,7 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "original", "wds", "loaders", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "original", "wds", "loaders", "memory", "stall", "pack")
 BACKENDS = ("dali", "torch")
 
 
@@ -98,6 +98,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed windows per row; the median is reported")
     g.add_argument("--row-timeout", type=_positive("--row-timeout"), default=900,
                    help="seconds after which a row's process is killed and the row reported as failed")
+    g.add_argument("--memory-epochs", type=_positive("--memory-epochs"), default=3,
+                   help="whole training epochs per backend in the memory row (PSS recorded at each epoch end)")
     g = p.add_argument_group("model (data stall row)")
     g.add_argument("--model", default=None,
                    help="model of the stall row; default deepfakenet_tiny on cpu, deepfakenet_base on cuda")
@@ -136,6 +138,10 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
                 add(dict(kind="loader", names=[f"{backend}_{'train' if train else 'eval'}"],
                          labels=[f"5 {backend} {mode} ({dev})"], group="loader",
                          extra=dict(backend=backend, train=train)))
+    if "memory" in args.rows:
+        for backend in args.backends:
+            add(dict(kind="epochs", names=[f"{backend}_epochs"], labels=[f"5b {backend} {args.memory_epochs} epochs, memory ({dev})"],
+                     group="memory", extra=dict(backend=backend)))
     if "stall" in args.rows:
         add(dict(kind="stall", names=["stall_synthetic", "stall_fed"],
                  labels=[f"6 {args.model} steps, synthetic ({dev})", f"6 {args.model} steps, fed by loader ({dev})"],
@@ -153,7 +159,7 @@ def precheck(spec: dict, args: argparse.Namespace) -> Optional[str]:
     """Why a row cannot run here (checked before starting its process), or None."""
     if spec["kind"] in ("original", "pack", "decode_files") and not args.images_real:
         return "needs --images-real and --images-fake (the image folders that were packed)"
-    if spec["kind"] in ("loader", "stall") and args.device == "cuda":
+    if spec["kind"] in ("loader", "epochs", "stall") and args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():

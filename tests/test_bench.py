@@ -15,7 +15,7 @@ from pipeline.bench import get_args_parser, main
 REPO = Path(__file__).resolve().parents[1]
 ALL_ROWS = [
     "read", "decode", "original", "wds", "dali_train", "dali_eval", "torch_train", "torch_eval",
-    "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
+    "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
 ]
 TINY = ["--batch-size", "4", "--image-size", "32", "--warmup", "1", "--batches", "2", "--repeats", "1",
         "--workers", "1", "--stall-warmup", "1", "--stall-steps", "1", "--decode-samples", "16",
@@ -48,6 +48,12 @@ def test_every_row_on_tiny_shards(packed, tmp_path):
         assert row["peak_pss_mb"] >= row["start_pss_mb"] > 0, row
         assert row["vs_decode"] > 0 and row["vs_original"] > 0, row
         assert row["note"] and row["memory"], row
+        if name.endswith("_epochs"):  # memory over whole epochs: one reading per epoch, equal epochs
+            assert len(row["pss_per_epoch_mb"]) == 3 and min(row["pss_per_epoch_mb"]) > 0, row
+            assert row["timed_images"] > 0 and row["timed_images"] % 3 == 0, row
+        if name.endswith("_epochs"):  # memory over whole epochs: one reading per epoch
+            assert len(row["pss_per_epoch_mb"]) == 3 and min(row["pss_per_epoch_mb"]) > 0, row
+            assert row["timed_images"] == 3 * (len(row["rss_per_epoch_mb"]) and row["timed_images"] // 3), row
     # the figures are each row's own, not copies of one another
     assert rows["decode"]["vs_decode"] == 1.0 and rows["original"]["vs_original"] == 1.0
     assert rows["read"]["mb_s"] > 0
@@ -73,16 +79,16 @@ def test_missing_backends_are_skipped_with_reasons(packed, tmp_path, caplog):
         pytest.skip("this machine has CUDA: the cuda rows would run")
     caplog.set_level(logging.INFO)
     out_json = tmp_path / "b.json"
-    rc = main(["--data", str(packed), "--device", "cuda", "--rows", "original,loaders,stall,pack",
+    rc = main(["--data", str(packed), "--device", "cuda", "--rows", "original,loaders,memory,stall,pack",
                *TINY, "--json", str(out_json)])
     assert rc == 0
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["name"] for r in rows] == [
-        "original", "dali_train", "dali_eval", "torch_train", "torch_eval", "stall_synthetic", "stall_fed",
-        "pack_25", "pack_100", "decode_files"]
+        "original", "dali_train", "dali_eval", "torch_train", "torch_eval", "dali_epochs", "torch_epochs",
+        "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files"]
     for r in rows:
         assert r["status"] == "skipped" and "img_s" not in r
-        want = "CUDA is not available" if r["group"] in ("loader", "stall") else "--images-real"
+        want = "CUDA is not available" if r["group"] in ("loader", "memory", "stall") else "--images-real"
         assert want in r["reason"], r
     assert "skipped" in caplog.text
 
