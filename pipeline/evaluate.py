@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data import DataError, resolve_shards
-from pipeline.folders import Item, collect, score_items, shard_items
+from pipeline.folders import check_inference_args, Item, collect, score_items, shard_items
 from pipeline.metrics import SingleClassWarning, binary_metrics, plot_roc, plot_score_hist, to_jsonable
 from shard_tools.fsutil import atomic_open, atomic_write_json
 from shard_tools.inputs import InputError
@@ -98,20 +98,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give either --data, or --real and --fake, not both")
     if args.data is None and not (args.real and args.fake):
         p.error("give --data PACK_OUT, or both --real DIR [DIR ...] and --fake DIR [DIR ...]")
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.workers < 0:
-        p.error(f"--workers {args.workers}: must be >= 0")
-    if not 0.0 <= args.threshold <= 1.0:
-        p.error(f"--threshold {args.threshold}: must be in [0, 1]")
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    check_inference_args(p, args)
 
 
 @torch.inference_mode()

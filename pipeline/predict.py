@@ -34,7 +34,7 @@ from typing import List, Optional
 import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.folders import collect, score_items
+from pipeline.folders import check_inference_args, collect, score_items
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("pipeline.predict")
@@ -62,20 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.out is not None and Path(args.out).suffix.lower() not in (".csv", ".json"):
         p.error(f"--out {args.out}: the file name must end in .csv or .json")
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.workers < 0:
-        p.error(f"--workers {args.workers}: must be >= 0")
-    if not 0.0 <= args.threshold <= 1.0:
-        p.error(f"--threshold {args.threshold}: must be in [0, 1]")
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    check_inference_args(p, args)
 
 
 def predict(
