@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -142,9 +144,12 @@ def _subset_dirs(items: List[Tuple[str, int]], fraction: float, root: Path) -> T
 def row_pack(params: dict, monitor: TreeMonitor) -> List[dict]:
     items = list_images(params)
     try:
-        from shard_tools.pack import main as pack_main
+        import shard_tools.pack as pack_module
     except ImportError as e:
         raise SkipRow(f"shard_tools.pack not available: {e}") from e
+    # As a user runs it: its own process (interpreter start included), not a fork of this one,
+    # which has torch loaded and the monitor thread running.
+    pack_cmd = [sys.executable, str(Path(pack_module.__file__).resolve())]
     fraction = params["pack_fraction"]
     workers = max(1, params["workers"])
     import statistics
@@ -164,11 +169,14 @@ def row_pack(params: dict, monitor: TreeMonitor) -> List[dict]:
             out = tmp / f"out{r}"
             cpu0 = monitor.poll()
             t0 = time.perf_counter()
-            rc = pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", str(workers)])
+            rc = subprocess.run(pack_cmd + ["--real", str(real), "--fake", str(fake), "--out", str(out),
+                                            "--workers", str(workers)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+            if rc.returncode != 0:
+                tail = rc.stderr.strip().splitlines()[-1:] or [""]
+                raise RuntimeError(f"deepfake-pack exited {rc.returncode} on {real} / {fake}: {tail[0]}")
             dt = time.perf_counter() - t0
             cpus.append(100.0 * (monitor.poll() - cpu0) / dt)
-            if rc != 0:
-                raise RuntimeError(f"deepfake-pack exited {rc} on {real} / {fake}")
             rates.append(n / dt)
             mbs.append(nbytes / dt / MB)
             shutil.rmtree(out)
@@ -180,7 +188,7 @@ def row_pack(params: dict, monitor: TreeMonitor) -> List[dict]:
         **monitor.memory(),
         "files": n, "input_mb": round(nbytes / MB, 1), "pack_fraction": fraction,
         "note": f"shard_tools.pack on {pct}% of the folder files ({n}), --workers {workers}, "
-                f"{params['pack_repeats']} run(s), into a temp dir",
+                f"{params['pack_repeats']} run(s) of the CLI in its own process, into a temp dir",
         "memory": "must not grow with bytes packed: compare the peak RSS of the 25% and 100% rows",
     }]
 

@@ -238,15 +238,26 @@ def _inspect(data: bytes, min_size: int, max_pixels: int) -> ImageInfo:
         w, h = im.size
         if min(w, h) < min_size:
             raise BadImage("too-small", f"{w}x{h} < --min-size {min_size}")
-        _load(im)
-        orientation = _orientation(im)
-        reason = _normalize_reason(im, data, orientation)
+        mode = im.mode
+        if im.format == "JPEG" and mode == "RGB":
+            orientation = _orientation(im)  # both from the JPEG header
+            reason = _normalize_reason(im, data, orientation)
+            if reason is None:
+                # Still a full decode (every entropy-coded block, IDCT, upsampling: truncation and
+                # corruption fail exactly as before), minus the YCbCr->RGB step, which cannot fail:
+                # ~40% less time per JPEG.
+                im.draft("YCbCr", im.size)
+            _load(im)
+        else:
+            _load(im)
+            orientation = _orientation(im)
+            reason = _normalize_reason(im, data, orientation)
         if reason is not None:
             _to_rgb(im, orientation)  # proves it converts; pack re-creates the bytes when writing
         if orientation in (5, 6, 7, 8) and reason is not None:
             w, h = h, w
         return ImageInfo(
-            sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), format=im.format.lower(), mode=im.mode,
+            sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), format=im.format.lower(), mode=mode,
             width=w, height=h, normalized=reason,
             ext=ACCEPTED_FORMATS[im.format] if reason is None else "png",
         )
