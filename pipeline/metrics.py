@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score, roc_curve
+from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score,
+                             roc_curve)
 
 from shard_tools.fsutil import atomic_savefig
 
@@ -136,46 +137,44 @@ def _figure(figsize: Tuple[float, float] = (5.0, 4.0)):
     return Figure(figsize=figsize, layout="constrained")
 
 
-def plot_roc(
-    curves: Mapping[str, Tuple[ArrayLike, ArrayLike]], path: Union[str, Path], *, title: str = "ROC curve",
-) -> Path:
-    """ROC curves of one or more ``name -> (labels, scores)`` on one plot, AUC in the legend; written atomically."""
+def _plot_curves(curves: Mapping[str, Tuple[ArrayLike, ArrayLike]], path: Union[str, Path], *, kind: str,
+                 title: str) -> Path:
+    """One ROC or precision-recall plot of ``name -> (labels, scores)``, the area in the legend."""
     fig = _figure()
     ax = fig.add_subplot()
     for name, (labels, scores) in curves.items():
         y, s = _as_arrays(labels, scores)
         if len(np.unique(y)) < 2:
             ax.plot([], [], label=f"{name} (one class: no curve)")
-            continue
-        fpr, tpr, _ = roc_curve(y, s)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, s):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fake caught)",
-           title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
+        elif kind == "roc":
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(y, s):.3f})")
+        else:
+            prec, rec, _ = precision_recall_curve(y, s)
+            ax.plot(rec, prec, label=f"{name} (AP {average_precision_score(y, s):.3f})")
+    if kind == "roc":
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fake caught)")
+    else:
+        ax.set(xlabel="recall (fake)", ylabel="precision (fake)")
+    ax.set(title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right" if kind == "roc" else "lower left", fontsize=8)
     atomic_savefig(fig, path, dpi=120)
     return Path(path)
+
+
+def plot_roc(
+    curves: Mapping[str, Tuple[ArrayLike, ArrayLike]], path: Union[str, Path], *, title: str = "ROC curve",
+) -> Path:
+    """ROC curves of one or more ``name -> (labels, scores)`` on one plot, AUC in the legend; written atomically."""
+    return _plot_curves(curves, path, kind="roc", title=title)
 
 
 def plot_pr(
     curves: Mapping[str, Tuple[ArrayLike, ArrayLike]], path: Union[str, Path], *, title: str = "Precision-recall",
 ) -> Path:
     """Precision-recall curves (fake = positive) of ``name -> (labels, scores)``, AP in the legend."""
-    from sklearn.metrics import precision_recall_curve
-
-    fig = _figure()
-    ax = fig.add_subplot()
-    for name, (labels, scores) in curves.items():
-        y, s = _as_arrays(labels, scores)
-        if len(np.unique(y)) < 2:
-            ax.plot([], [], label=f"{name} (one class: no curve)")
-            continue
-        prec, rec, _ = precision_recall_curve(y, s)
-        ax.plot(rec, prec, label=f"{name} (AP {average_precision_score(y, s):.3f})")
-    ax.set(xlabel="recall (fake)", ylabel="precision (fake)", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower left", fontsize=8)
-    atomic_savefig(fig, path, dpi=120)
-    return Path(path)
+    return _plot_curves(curves, path, kind="pr", title=title)
 
 
 def plot_score_hist(
