@@ -110,6 +110,10 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
         tar = root / entry["name"]
         if not tar.exists():
             raise DataError(f"shard {tar} listed in the manifest is missing; " + VERIFY_HINT.format(root=root))
+        want, have = entry.get("bytes"), tar.stat().st_size
+        if want is not None and int(want) != have:
+            raise DataError(f"shard {tar} is {have} bytes but the manifest says {want}: truncated or replaced; "
+                            + VERIFY_HINT.format(root=root))
         shards.append(str(tar))
         sizes.append(int(entry["num_samples"]))
         idx = root / entry["index"] if entry.get("index") else tar.with_suffix(".idx")

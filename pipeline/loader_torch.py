@@ -23,7 +23,7 @@ reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: wit
 rank can know its equal share of steps. Order depends on ``(seed, epoch, world_size,
 num_workers)``: the same values give the same batches.
 
-Errors: a missing/truncated shard (file size against the manifest, and the sample count of
+Errors: a missing/truncated shard (file size against the manifest in `pipeline.data`, the sample count of
 every piece read), an unreadable tar member or an undecodable image raise `DataError` naming the
 shard and the sample key; errors inside workers are sent back as messages, so the user sees
 that one line, not a DataLoader traceback.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
 import tarfile
 import warnings
@@ -49,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.augment import AugConfig, resize_uint8
-from pipeline.data import VERIFY_HINT, DataError, load_manifest, resolve_shards
+from pipeline.data import VERIFY_HINT, DataError, resolve_shards
 from pipeline.loaders import Batch
 from pipeline.torch_aug import augment_batch
 
@@ -211,13 +210,7 @@ def count_samples(shard: str) -> int:
 
 
 def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
-    if shardset.shard_sizes is not None:
-        manifest = load_manifest(shardset.root)
-        for entry, shard in zip(manifest["splits"][shardset.split]["shards"], shardset.shards):
-            want, have = entry.get("bytes"), os.path.getsize(shard)
-            if want is not None and int(want) != have:
-                raise DataError(f"shard {shard} is {have} bytes but the manifest says {want}: truncated or replaced; "
-                                + VERIFY_HINT.format(root=shardset.root))
+    if shardset.shard_sizes is not None:  # from the manifest (resolve_shards checked each tar's size)
         return list(shardset.shard_sizes)
     remote = [s for s in shardset.shards if s.startswith("pipe:") or "://" in s]
     if remote:
