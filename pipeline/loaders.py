@@ -25,7 +25,7 @@ Contract of the returned loader (both backends):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, List, NamedTuple, Sequence, Tuple, Union
+from typing import List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 

@@ -23,7 +23,6 @@ from pipeline.checkpoint import save_checkpoint
 from pipeline.degrade import SWEEP, Degradation, default_sweep
 from pipeline.folders import ImageItems, Item
 
-from conftest import TRAINED_IMAGE_SIZE as IMAGE_SIZE  # the packed fixture's image side
 
 
 def resized_checkpoint(run: Path, size: int, out: Path) -> Path:
