@@ -65,6 +65,14 @@ def image_dirs(tmp_path: Path) -> Tuple[Path, Path]:
     return make_image_dirs(tmp_path / "images")
 
 
+def help_text(main, capsys) -> str:
+    """Run ``main(["--help"])`` of a CLI; assert it exits 0 and return what it printed."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
 @pytest.fixture(scope="session")
 def packed(tmp_path_factory) -> Path:
     """A complete pack output: 40 real + 40 fake 48x48 JPEGs, val 25%, small shards (>= 2 per split).
@@ -74,6 +82,16 @@ def packed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("packed")
     real, fake = make_image_dirs(root / "images", n_real=40, n_fake=40, size=48, seed=1)
     return pack_dirs(real, fake, root / "shards", "--val-fraction", "0.25", "--shard-size", "10", "--min-shards", "2")
+
+
+@pytest.fixture
+def packed_copy(packed: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of `packed` (for tests that break shards or index files)."""
+    import shutil
+
+    dst = tmp_path / "shards"
+    shutil.copytree(packed, dst)
+    return dst
 
 
 TRAINED_IMAGE_SIZE = 48  # the `packed` fixture's image side

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
 
-from conftest import make_face, make_image_dirs, write_image
+from conftest import help_text, make_face, make_image_dirs, write_image
 from pipeline import evaluate
 from pipeline.checkpoint import save_checkpoint
 from pipeline.degrade import SWEEP, Degradation, default_sweep
@@ -217,10 +217,7 @@ def test_degradation_is_applied_before_the_resize(tmp_path):
 
 
 def test_help_and_usage_errors(capsys):
-    with pytest.raises(SystemExit) as e:
-        evaluate.main(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
+    text = help_text(evaluate.main, capsys)
     for flag in ("--checkpoint", "--data", "--split", "--real", "--fake", "--out", "--batch-size", "--backend",
                  "--workers", "--device", "--threshold", "--robustness"):
         assert flag in text

@@ -4,25 +4,16 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from shard_tools.inspect import main as inspect_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def copy_of(packed: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "shards"
-    shutil.copytree(packed, dst)
-    return dst
 
 
 def test_verify_passes_on_a_sound_output(packed: Path, caplog):
@@ -31,23 +22,23 @@ def test_verify_passes_on_a_sound_output(packed: Path, caplog):
     assert "verify: OK (80 samples)" in caplog.text and "train" in caplog.text
 
 
-def test_verify_catches_a_flipped_byte(copy_of: Path, caplog):
-    shard = copy_of / "train-000001.tar"
+def test_verify_catches_a_flipped_byte(packed_copy: Path, caplog):
+    shard = packed_copy / "train-000001.tar"
     data = bytearray(shard.read_bytes())
     with tarfile.open(shard) as tar:
         jpg = next(m for m in tar if m.name.endswith(".jpg"))
     data[jpg.offset_data + jpg.size // 2] ^= 0xFF  # inside the first image's bytes
     shard.write_bytes(bytes(data))
-    assert inspect_main([str(copy_of), "--verify"]) == 1
+    assert inspect_main([str(packed_copy), "--verify"]) == 1
     assert "train-000001.tar: sha256 differs" in caplog.text
     assert "do not hash to json sha256" in caplog.text and "FAILED" in caplog.text
 
 
-def test_verify_catches_truncated_shard_missing_index_and_wrong_label(copy_of: Path, caplog):
-    (copy_of / "val-000000.tar").write_bytes((copy_of / "val-000000.tar").read_bytes()[:3000])
-    (copy_of / "val-000001.idx").unlink()
+def test_verify_catches_truncated_shard_missing_index_and_wrong_label(packed_copy: Path, caplog):
+    (packed_copy / "val-000000.tar").write_bytes((packed_copy / "val-000000.tar").read_bytes()[:3000])
+    (packed_copy / "val-000001.idx").unlink()
     # rewrite one shard with a cls that contradicts its json label
-    src = copy_of / "train-000000.tar"
+    src = packed_copy / "train-000000.tar"
     members = []
     with tarfile.open(src) as tar:
         for m in tar:
@@ -58,7 +49,7 @@ def test_verify_catches_truncated_shard_missing_index_and_wrong_label(copy_of: P
     with tarfile.open(src, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m, data in members:
             tar.addfile(m, io.BytesIO(data))
-    assert inspect_main([str(copy_of), "--verify"]) == 1
+    assert inspect_main([str(packed_copy), "--verify"]) == 1
     text = caplog.text
     assert "val-000001.idx: DALI index is missing" in text
     assert "val-000000.tar" in text and ("cannot read the tar" in text or "samples, manifest says" in text)

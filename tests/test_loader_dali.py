@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -221,23 +220,17 @@ def test_brace_pattern_input(packed):
     assert set(drop_repeats(out["ids"])[0]) == split_ids(packed, "val")
 
 
-def _copy(packed: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "shards"
-    shutil.copytree(packed, dst)
-    return dst
-
-
-def test_truncated_shard_named(packed, tmp_path):
-    data = _copy(packed, tmp_path)
+def test_truncated_shard_named(packed_copy):
+    data = packed_copy
     tar = data / "val-000001.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     with pytest.raises(DataError, match=r"val-000001\.tar.*truncated.*--verify"):
         load(data, "val")
 
 
-def test_shard_truncated_after_build_named(packed, tmp_path):
+def test_shard_truncated_after_build_named(packed_copy):
     """A shard that shrinks after the loader was built: DALI's read error, re-raised naming the file."""
-    data = _copy(packed, tmp_path)
+    data = packed_copy
     loader = load(data, "val")
     tar = data / "val-000001.tar"
     tar.write_bytes(tar.read_bytes()[:3000])
@@ -245,8 +238,8 @@ def test_shard_truncated_after_build_named(packed, tmp_path):
         run(loader)
 
 
-def test_undecodable_sample_clear_error(packed, tmp_path):
-    data = _copy(packed, tmp_path)
+def test_undecodable_sample_clear_error(packed_copy):
+    data = packed_copy
     tar = data / "val-000000.tar"
     raw = bytearray(tar.read_bytes())
     start = raw.index(b"\xff\xd8\xff")  # first JPEG in the shard: keep its size, wreck its contents
@@ -256,8 +249,8 @@ def test_undecodable_sample_clear_error(packed, tmp_path):
         run(load(data, "val"))
 
 
-def test_missing_index_named(packed, tmp_path):
-    data = _copy(packed, tmp_path)
+def test_missing_index_named(packed_copy):
+    data = packed_copy
     (data / "train-000002.idx").unlink()
     with pytest.raises(DataError, match=r"train-000002\.idx.*missing"):
         load(data, "train", train=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Dict, List
@@ -180,22 +179,16 @@ def test_png_and_webp_members_are_read(tmp_path):
     assert keys == {k: float(v) for k, v in truth.items()}
 
 
-def copy_pack(packed: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "shards"
-    shutil.copytree(packed, dst)
-    return dst
-
-
-def test_missing_shard_named(packed, tmp_path):
-    data = copy_pack(packed, tmp_path)
+def test_missing_shard_named(packed_copy):
+    data = packed_copy
     (data / "train-000001.tar").unlink()
     with pytest.raises(DataError, match=r"train-000001\.tar.*missing.*--verify"):
         loader(data, "train", train=True)
 
 
 @pytest.mark.timeout(120)
-def test_shard_removed_after_start_named(packed, tmp_path):
-    data = copy_pack(packed, tmp_path)
+def test_shard_removed_after_start_named(packed_copy):
+    data = packed_copy
     ld = loader(data, "val", train=False, workers=2)
     (data / "val-000001.tar").unlink()
     with pytest.raises(DataError, match=r"val-000001\.tar.*--verify") as err:
@@ -203,8 +196,8 @@ def test_shard_removed_after_start_named(packed, tmp_path):
     assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
 
 
-def test_truncated_shard_named(packed, tmp_path):
-    data = copy_pack(packed, tmp_path)
+def test_truncated_shard_named(packed_copy):
+    data = packed_copy
     shard = data / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(DataError, match=r"train-000002\.tar.*bytes.*--verify"):
@@ -215,8 +208,8 @@ def test_truncated_shard_named(packed, tmp_path):
 
 
 @pytest.mark.parametrize("cut", ["boundary", "inside"])
-def test_shard_cut_after_start_named(packed, tmp_path, cut):
-    data = copy_pack(packed, tmp_path)
+def test_shard_cut_after_start_named(packed_copy, cut):
+    data = packed_copy
     ld = loader(data, "val", train=False)
     shard = data / "val-000001.tar"
     with tarfile.open(shard) as tar:
@@ -229,8 +222,8 @@ def test_shard_cut_after_start_named(packed, tmp_path, cut):
 
 
 @pytest.mark.timeout(120)
-def test_corrupt_image_named_through_workers(packed, tmp_path):
-    data = copy_pack(packed, tmp_path)
+def test_corrupt_image_named_through_workers(packed_copy):
+    data = packed_copy
     shard = data / "val-000000.tar"
     with tarfile.open(shard) as tar:
         member = next(m for m in tar if m.name.endswith(".jpg"))
