@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import re
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
 from pipeline.augment import AugConfig
 from pipeline.data import VERIFY_HINT, DataError, resolve_shards
-from pipeline.loaders import Batch
+from pipeline.loaders import Batch, rank_share, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +52,6 @@ def _dali_ops():
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed derived from integers such as ``(seed, epoch)`` (DALI seeds are signed 32-bit)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def rank_sizes(num_samples: int, world_size: int) -> List[int]:
-    """Samples per rank as DALI's sharding splits them (contiguous ranges, sizes differ by <= 1)."""
-    return [num_samples * (r + 1) // world_size - num_samples * r // world_size for r in range(world_size)]
 
 
 def check_index(shard: str, index: str, expected: Optional[int]) -> None:
@@ -144,18 +138,17 @@ class DaliLoader:
         self._pipe = self._build(self._epoch)  # validates the shards now and gives the split size
         total = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
         self.split_samples = total
-        sizes = rank_sizes(total, world_size)
+        self._steps = steps_per_epoch(total, world_size, batch_size, train=train)
         if train:
-            self._steps = min(sizes) // batch_size
             if self._steps == 0:
                 raise ValueError(
                     f"--batch-size {batch_size}: the {split!r} split of {data} has {total} samples, "
-                    f"{min(sizes)} on the smallest of {world_size} rank(s): not one full batch; lower --batch-size"
+                    f"{total // world_size} on the smallest of {world_size} rank(s): not one full batch; "
+                    "lower --batch-size"
                 )
             self.num_samples = self._steps * batch_size
         else:
-            self._steps = math.ceil(max(sizes) / batch_size)
-            self.num_samples = sizes[rank]
+            self.num_samples = rank_share(total, rank, world_size)
 
     # -- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

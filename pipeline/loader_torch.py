@@ -49,7 +49,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from pipeline.augment import AugConfig, resize_uint8
 from pipeline.data import VERIFY_HINT, DataError, resolve_shards
-from pipeline.loaders import Batch
+from pipeline.loaders import Batch, rank_share, steps_per_epoch
 from pipeline.torch_aug import augment_batch
 
 logger = logging.getLogger(__name__)
@@ -238,9 +238,9 @@ class TorchLoader:
         self.epoch = 0
         total = sum(self.sizes)
         self.total = total
-        self.own = total * (rank + 1) // world_size - total * rank // world_size
+        self.own = rank_share(total, rank, world_size)
+        self.steps = steps_per_epoch(total, world_size, batch_size, train=train)
         if train:
-            self.steps = (total // world_size) // batch_size
             if self.steps == 0:
                 raise DataError(f"{data}: split {split!r} has {total} samples, fewer than one batch of {batch_size} "
                                 f"per rank over {world_size} ranks; lower --batch-size")
@@ -248,7 +248,6 @@ class TorchLoader:
             if total < world_size:
                 raise DataError(f"{data}: split {split!r} has {total} samples, fewer than {world_size} ranks")
             self.padded = math.ceil(total / world_size)
-            self.steps = math.ceil(self.padded / batch_size)
         # Every worker gets a contiguous range of at least one sample; more workers than that only idle.
         self.num_workers = min(num_workers, self.own)
 

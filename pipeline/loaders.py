@@ -24,6 +24,7 @@ Contract of the returned loader (both backends):
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import List, NamedTuple, Sequence, Tuple, Union
 
@@ -87,6 +88,23 @@ def build_loader(
     from pipeline.loader_torch import TorchLoader
 
     return TorchLoader(data, split, **kwargs)
+
+
+def rank_share(total: int, rank: int, world_size: int) -> int:
+    """Samples of a ``total``-sample split that rank ``rank`` reads: contiguous ranges whose sizes
+    differ by at most one (DALI's sharding, and the torch backend's split by sample)."""
+    return total * (rank + 1) // world_size - total * rank // world_size
+
+
+def steps_per_epoch(total: int, world_size: int, batch_size: int, *, train: bool) -> int:
+    """Batches per epoch, the same on every rank.
+
+    Train: the full batches of the smallest rank's share (the rest is dropped). Eval: enough batches
+    for the largest share, smaller ranks padding with repeats.
+    """
+    if train:
+        return (total // world_size) // batch_size
+    return math.ceil(math.ceil(total / world_size) / batch_size)
 
 
 def drop_repeats(ids: Sequence[str], *columns: Sequence) -> Tuple[List[str], ...]:
