@@ -121,12 +121,13 @@ def score_shards(
         labels.extend(batch.labels.cpu().tolist())
         scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
     ids, labels, scores = drop_repeats(ids, labels, scores)
-    expected = resolve_shards(data, split).num_samples
-    if expected is not None and expected != len(ids):
-        logger.warning("%s %s: scored %d distinct samples, the manifest lists %d", data, split, len(ids), expected)
+    shardset = resolve_shards(data, split)
+    if shardset.num_samples is not None and shardset.num_samples != len(ids):
+        logger.warning("%s %s: scored %d distinct samples, the manifest lists %d", data, split, len(ids),
+                       shardset.num_samples)
     sources = {}
     try:
-        sources = {it.path: (it.source, it.group) for it in shard_items(resolve_shards(data, split).shards)}
+        sources = {it.path: (it.source, it.group) for it in shard_items(shardset.shards)}
     except ValueError:  # remote shards: no per-sample source paths
         pass
     return Scores(ids, [sources.get(k, ("", ""))[0] for k in ids], [sources.get(k, ("", ""))[1] for k in ids],
