@@ -6,6 +6,7 @@ checkerboard (the up-sampling artifact of many generators), so a tiny model can 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Tuple
 
@@ -87,8 +88,6 @@ def packed(tmp_path_factory) -> Path:
 @pytest.fixture
 def packed_copy(packed: Path, tmp_path: Path) -> Path:
     """A private, writable copy of `packed` (for tests that break shards or index files)."""
-    import shutil
-
     dst = tmp_path / "shards"
     shutil.copytree(packed, dst)
     return dst
