@@ -5,11 +5,12 @@ Imports ``nvidia.dali`` at module level: import this module only where DALI is w
 
 Augmentation follows `pipeline.augment.AugConfig` with `pipeline.torch_aug`'s conventions
 (torchvision ``RandomAffine``), every parameter drawn per sample inside the graph. One coin per
-sample (``apply_prob``) picks the samples that are augmented: for those, flips, zoom, shear and
-rotation and the resize to ``image_size`` make one affine matrix, applied by a single
-``warp_affine`` (no antialias), then a brightness factor; the others get the eval resize
-(bilinear, antialias). Gaussian blur and JPEG re-compression then run on the samples their own
-coins select. The per-sample branches are DALI conditionals: each op runs only on its samples.
+sample (``apply_prob``) picks the samples that are augmented. Every sample gets the eval resize to
+``image_size`` (bilinear, antialias); for the augmented ones, flips, zoom, shear and rotation then
+make one affine matrix, applied by a single ``warp_affine`` at ``image_size`` (resize, then warp, as
+`pipeline.cpu_aug` explains), then a brightness factor. Gaussian blur and JPEG re-compression then run
+on the samples their own coins select. The per-sample branches are DALI conditionals: each op runs
+only on its samples.
 """
 from __future__ import annotations
 
@@ -35,15 +36,10 @@ def _zero():
     return _uniform((0.0, 0.0))
 
 
-def _affine(encoded, aug: AugConfig, size: int):
-    """Per-sample forward (source -> output pixel) matrix: centre, resize, flip+zoom, shear, rotate.
-
-    The decoded image is W x H (read from the encoded header); the output is ``size`` x ``size``.
-    """
-    shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)  # [H, W, C]
-    h, w = shape[0], shape[1]
-    sx = float(size) / w
-    sy = float(size) / h
+def _affine(aug: AugConfig, size: int):
+    """Per-sample forward (input -> output pixel) matrix of a ``size`` square: centre, flip+zoom,
+    shear, rotate."""
+    sx = sy = 1.0
     if aug.hflip > 0:
         sx = sx * (1.0 - 2.0 * fn.random.coin_flip(probability=aug.hflip))
     if aug.vflip > 0:
@@ -51,7 +47,7 @@ def _affine(encoded, aug: AugConfig, size: int):
     if aug.scale != (1.0, 1.0):
         zoom = _uniform(aug.scale)
         sx, sy = sx * zoom, sy * zoom
-    mt = fn.transforms.translation(offset=fn.stack(w * -0.5, h * -0.5))
+    mt = fn.transforms.translation(offset=[size * -0.5, size * -0.5])
     mt = fn.transforms.scale(mt, scale=fn.stack(sx, sy))
     # torchvision RandomAffine conventions (as pipeline.torch_aug): shear x, then shear y, then
     # rotate, with SHx(a) = [[1, -tan a], [0, 1]] and SHy(a) = [[1, 0], [-tan a, 1]]; DALI's shear
@@ -70,8 +66,8 @@ def _resize(images, size: int):
     return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
 
 
-def _augment(images, encoded, aug: AugConfig, size: int):
-    """Per-sample augmentation; samples that draw no geometric transform get the plain eval resize.
+def _augment(images, aug: AugConfig, size: int):
+    """Per-sample augmentation of images already resized to ``size``.
 
     DALI conditionals split the batch by a per-sample predicate, so each branch runs only on its
     samples (the warp costs several times the resize on CPU).
@@ -80,13 +76,9 @@ def _augment(images, encoded, aug: AugConfig, size: int):
     if aug.geometric:
         if apply:
             images = fn.warp_affine(
-                images, matrix=_affine(encoded, aug, size), size=[size, size], inverse_map=False,
+                images, matrix=_affine(aug, size), size=[size, size], inverse_map=False,
                 fill_value=0, interp_type=types.INTERP_LINEAR,
             )
-        else:
-            images = _resize(images, size)
-    else:
-        images = _resize(images, size)
     if aug.brightness != (1.0, 1.0) and aug.apply_prob > 0:
         if apply:
             images = fn.brightness(images, brightness=_uniform(aug.brightness))
@@ -117,10 +109,9 @@ def _graph(
     # "shard.tar:offset:key.ext" as bytes, zero-padded to the longest in the batch (uniform shape)
     info = fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    if aug.is_identity:
-        images = _resize(images, image_size)
-    else:
-        images = _augment(images, encoded, aug, image_size)
+    images = _resize(images, image_size)
+    if not aug.is_identity:
+        images = _augment(images, aug, image_size)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW",
         mean=[255.0 * m for m in MEAN], std=[255.0 * s for s in STD],

@@ -14,9 +14,18 @@ the middle of, which is read and skipped, not decoded).
 * eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once so that every
   rank yields the same number of batches of the same sizes (drop repeats by id).
 
-Workers decode (``torchvision.io.decode_image``, RGB) and resize (`pipeline.augment.resize_uint8`)
-in uint8 and batch; the main process merges workers' partial batches, copies uint8 to the device
-(pinned, non-blocking on CUDA) and runs `pipeline.torch_aug.augment_batch` there.
+Workers read the tar members (`pipeline.tar_reader`), decode (OpenCV, RGB), draw each sample's
+augmentation parameters (`pipeline.torch_aug.draw_params`, seeded from ``(seed, epoch, rank,
+worker)``) and write uint8 HWC images straight into a shared-memory batch. What runs where depends
+on the device:
+
+* CUDA: workers only resize (`pipeline.cpu_aug.resize_into`); the main process copies the uint8
+  batch to the GPU (pinned, non-blocking) and augments it there with the workers' parameters
+  (`pipeline.torch_aug.apply_params`), in float, then normalises.
+* CPU: the same cores do all the work wherever it runs, so workers also apply the augmentation,
+  per sample in uint8 (`pipeline.cpu_aug.process_into`: one OpenCV warp, no float), and the main
+  process only normalises (`pipeline.cpu_aug.normalize_hwc`: one table lookup per byte). The
+  images come out channels-last (an NCHW tensor with NHWC memory), which CPU convolutions take as is.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by
 reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no
@@ -35,22 +44,22 @@ import logging
 import math
 import random
 import tarfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
+import cv2
+import numpy as np
 import torch
-# resize_uint8 imports this lazily: import it once here, before the workers fork, not once per worker.
-import torchvision.transforms.v2.functional  # noqa: F401
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import AugConfig, resize_uint8
+from pipeline import cpu_aug
+from pipeline.augment import AugConfig, normalize_
 from pipeline.data import VERIFY_HINT, DataError, resolve_shards
 from pipeline.loaders import Batch, rank_share, steps_per_epoch
-from pipeline.torch_aug import augment_batch
+from pipeline.tar_reader import TarFormatError, iter_samples
+from pipeline.torch_aug import apply_params, draw_params, params_from_tensor, params_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +111,19 @@ def _exn_text(exn: BaseException) -> str:
 
 
 class _ShardStream(IterableDataset):
-    """One rank's samples for one epoch as uint8 batches ``(images, labels, ids)`` (webdataset)."""
+    """One rank's samples for one epoch as uint8 batches ``(images NHWC, labels, ids, params)``.
+
+    ``finish``: apply the augmentation in the workers (CPU runs); otherwise only resize and ship the
+    drawn parameters (a [N, K] float64 tensor, `pipeline.torch_aug.params_to_tensor`) for the device.
+    """
 
     def __init__(self, shards: List[str], sizes: List[int], *, root: Optional[Path], image_size: int,
-                 batch_size: int, train: bool, seed: int, epoch: int, rank: int, world_size: int) -> None:
+                 batch_size: int, train: bool, aug: AugConfig, finish: bool, seed: int, epoch: int, rank: int,
+                 world_size: int) -> None:
         super().__init__()
         self.shards, self.sizes, self.root = shards, sizes, root
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
+        self.aug, self.finish = aug, finish
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def pieces(self, worker: int, num_workers: int) -> List[Piece]:
@@ -124,28 +139,20 @@ class _ShardStream(IterableDataset):
         """Raw samples of each piece; a short or unreadable shard raises DataError naming it."""
         for item in pieces:
             piece: Piece = item["piece"]
-            samples = wds.tariterators.tarfile_samples([{"url": piece.url}], handler=wds.reraise_exception)
-            index = 0
+            index = piece.start
             try:
-                for sample in samples:
-                    if index >= piece.stop:
-                        break
-                    if index >= piece.start:
-                        yield sample
+                for sample in iter_samples(piece.url, piece.start, piece.stop):
+                    yield sample
                     index += 1
-            except DataError:
-                raise
-            except Exception as exn:
-                where = "cannot open it" if index == 0 else f"cannot read past sample {index}"
-                raise DataError(f"shard {piece.url}: {where} ({_exn_text(exn)}): missing, truncated or corrupt; "
+            except (TarFormatError, OSError) as exn:
+                where = "cannot open it" if isinstance(exn, OSError) else f"cannot read sample {index}"
+                raise DataError(f"shard {piece.url}: {where} ({exn}): missing, truncated or corrupt; "
                                 + _hint(piece.url, self.root)) from None
-            finally:
-                samples.close()
             if index < piece.stop:
                 raise DataError(f"shard {piece.url} ends after {index} samples but should hold {piece.size}: "
                                 "truncated or replaced; " + _hint(piece.url, self.root))
 
-    def decode(self, sample: dict) -> Tuple[torch.Tensor, int, str]:
+    def decode(self, sample: dict) -> Tuple[np.ndarray, int, str]:
         key, url = sample["__key__"], sample.get("__url__", "?")
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         members = sorted(k for k in sample if not k.startswith("__"))
@@ -157,20 +164,24 @@ class _ShardStream(IterableDataset):
             raise DataError(f"shard {url}: sample {key}.cls is {cls!r}, expected ASCII 0 (real) or 1 (fake); "
                             + _hint(url, self.root))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-                image = decode_image(torch.frombuffer(bytearray(sample[ext]), dtype=torch.uint8),
-                                     mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError) as exn:
-            raise DataError(f"shard {url}: cannot decode {key}.{ext} ({_exn_text(exn)}); "
+            image = cpu_aug.decode(sample[ext]) if sample[ext] else None
+        except cv2.error as exn:
+            raise DataError(f"shard {url}: cannot decode {key}.{ext} (OpenCV: {str(exn).strip()}); "
                             + _hint(url, self.root)) from None
-        return resize_uint8(image, self.image_size), int(cls.strip()), key
+        if image is None:
+            raise DataError(f"shard {url}: cannot decode {key}.{ext} ({len(sample[ext])} bytes: not a readable "
+                            "JPEG/PNG/WebP); " + _hint(url, self.root))
+        return image, int(cls.strip()), key
 
-    @staticmethod
-    def collate(samples: List[Tuple[torch.Tensor, int, str]]) -> tuple:
-        # default_collate stacks straight into shared memory inside a worker: no extra copy on the way out.
-        images = default_collate([s[0] for s in samples])
-        return images, torch.tensor([s[1] for s in samples], dtype=torch.uint8), [s[2] for s in samples]
+    def process(self, samples: List[dict], generator: torch.Generator) -> tuple:
+        """Decode one batch of raw samples into a new uint8 [N, S, S, 3] batch (shared memory in a worker)."""
+        decoded = [self.decode(s) for s in samples]
+        n, size = len(decoded), self.image_size
+        params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
+        images = _new_batch((n, size, size, 3))
+        cpu_aug.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
+        shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
+        return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
 
     def __iter__(self):
         info = get_worker_info()
@@ -183,7 +194,9 @@ class _ShardStream(IterableDataset):
             buf = max(1, min(SHUFFLE_BUFFER, n))
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "samples"))
             stages.append(wds.shuffle(buf, buf, rng=rng))
-        stages += [wds.map(self.decode), wds.batched(self.batch_size, collation_fn=self.collate, partial=True)]
+        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, worker, "aug"))
+        stages += [wds.batched(self.batch_size, collation_fn=list, partial=True),
+                   wds.map(lambda samples: self.process(samples, generator))]
         try:
             yield from wds.DataPipeline(*stages)
         except DataError as exn:
@@ -191,6 +204,15 @@ class _ShardStream(IterableDataset):
         except Exception as exn:  # anything else still reaches the user as one line
             where = ", ".join(sorted({p.url for p in pieces})) or "no shards"
             yield _Failure(f"loading samples from {where} failed: {_exn_text(exn)}")
+
+
+def _new_batch(shape: Tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory (as ``default_collate``
+    allocates its batches), so that sending it to the main process copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def count_samples(shard: str) -> int:
@@ -236,6 +258,7 @@ class TorchLoader:
         self.batch_size, self.image_size, self.train, self.aug = batch_size, image_size, train, aug
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch = 0
+        self.pool = cpu_aug.BufferPool()
         total = sum(self.sizes)
         self.total = total
         self.own = rank_share(total, rank, world_size)
@@ -265,8 +288,10 @@ class TorchLoader:
     def _batches(self, epoch: int) -> Iterator[tuple]:
         """uint8 batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval."""
         stream = _ShardStream(self.shards, self.sizes, root=self.root, image_size=self.image_size,
-                              batch_size=self.batch_size, train=self.train, seed=self.seed, epoch=epoch,
-                              rank=self.rank, world_size=self.world_size)
+                              batch_size=self.batch_size, train=self.train, aug=self.aug,
+                              finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
+                              world_size=self.world_size)
+        cpu_aug.single_threaded()  # before the workers fork (see there)
         source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         ))
@@ -293,33 +318,40 @@ class TorchLoader:
             raise DataError(f"rank {self.rank} ran out of samples after {emitted} of {self.steps} batches")
         pad = self.padded - seen
         if pad and first is not None:
-            pending.append((first[0][:1].repeat(pad, 1, 1, 1), first[1][:1].repeat(pad), first[2][:1] * pad))
+            pending.append(tuple(c[:1] * pad if isinstance(c, list) else c[:1].repeat_interleave(pad, 0)
+                                 for c in first))
         while pending:
             batch, pending = _take(pending, self.batch_size)
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, "aug"))
         cuda = self.device.type == "cuda"
-        for images, labels, ids in self._batches(self.epoch):
-            if cuda and not images.is_pinned():
+        for images, labels, ids, params in self._batches(self.epoch):
+            if not cuda:  # the workers augmented already (pipeline.cpu_aug)
+                yield Batch(cpu_aug.normalize_hwc(images, self.pool), labels.float(), ids)
+                continue
+            if not images.is_pinned():
                 images = images.pin_memory()
-            images = images.to(self.device, non_blocking=cuda)
-            labels = labels.to(self.device, non_blocking=cuda).float()
-            yield Batch(augment_batch(images, self.aug, self.image_size, generator), labels, ids)
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            labels = labels.to(self.device, non_blocking=True).float()
+            if params.shape[1]:
+                x = apply_params(x, params_from_tensor(params), self.image_size)
+            yield Batch(normalize_(x.float()), labels, ids)
 
 
 def _take(pending: List[tuple], n: int) -> Tuple[tuple, List[tuple]]:
-    """Split ``n`` samples (or all, if fewer) off the front of a list of batches; no copy for a whole one."""
+    """Split ``n`` samples (or all, if fewer) off the front of a list of batches (tuples of tensors
+    and lists, one row per sample); no copy for a whole one."""
     if pending[0][0].shape[0] == n or (len(pending) == 1 and pending[0][0].shape[0] < n):
         return pending[0], pending[1:]
     parts, rest, left = [], list(pending), n
     while rest and left:
-        images, labels, ids = rest.pop(0)
-        k = min(left, images.shape[0])
-        parts.append((images[:k], labels[:k], ids[:k]))
-        if k < images.shape[0]:
-            rest.insert(0, (images[k:], labels[k:], ids[k:]))
+        batch = rest.pop(0)
+        k = min(left, batch[0].shape[0])
+        parts.append(tuple(c[:k] for c in batch))
+        if k < batch[0].shape[0]:
+            rest.insert(0, tuple(c[k:] for c in batch))
         left -= k
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-            [i for p in parts for i in p[2]]), rest
+    merged = tuple([row for p in parts for row in p[i]] if isinstance(parts[0][i], list)
+                   else torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return merged, rest

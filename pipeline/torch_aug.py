@@ -1,27 +1,26 @@
-"""Per-sample augmentation of a uint8 NCHW batch on its own device (CPU or CUDA).
+"""Per-sample augmentation of a uint8 NCHW batch on its own device, in float (the GPU path).
 
-The torchvision backend's "processing" half: `pipeline.loader_torch` hands over uint8 batches that
-the DataLoader workers decoded and resized; everything in float happens here, on the target device.
-Every random parameter is drawn per sample (torchvision v2 on a batched tensor would draw one set
-for the whole batch) from an explicitly seeded CPU `torch.Generator`, so the same seed gives the same
-augmentation on CPU and CUDA.
+The torchvision backend's "processing" half on CUDA: `pipeline.loader_torch`'s workers decode and
+resize to uint8 and draw each sample's parameters (`draw_params`, from an explicitly seeded CPU
+`torch.Generator`, so the same seed gives the same augmentation on CPU and CUDA); `apply_params` then
+runs on the GPU. On a CPU the workers apply the very same parameters themselves, in uint8
+(`pipeline.cpu_aug`); the two agree within one 8-bit level. Every random parameter is drawn per
+sample (torchvision v2 on a batched tensor would draw one set for the whole batch).
 
 Order, per sample: resize to ``image_size`` (antialias, uint8) -> [gated by ``apply_prob``: flips,
 rotation, shear and scale composed into one affine warp (torchvision ``RandomAffine`` conventions:
 about the centre, shear in degrees, zero fill), brightness] -> Gaussian blur -> JPEG re-compression
 -> normalise. Blur and JPEG come last because they model what sharing a finished image does to it:
 a JPEG grid that was then rotated would not look like the 8x8 blocks a detector meets in the wild.
-
-JPEG re-compression runs here, in the main process, on the device (nvJPEG batched per quality on
-CUDA, one libjpeg encode/decode per affected sample on CPU) rather than in the workers: the workers
-stay "decode + resize only", all randomness comes from one generator (so the augmentation does not
-depend on ``num_workers``), and on a GPU the round trip is nearly free.
+JPEG re-compression on CUDA is nvJPEG, batched per quality: nearly free.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
@@ -49,6 +48,21 @@ class AugParams:
     sigma: torch.Tensor
     jpeg: torch.Tensor
     quality: torch.Tensor
+
+
+def params_to_tensor(params: AugParams) -> torch.Tensor:
+    """One [N, K] float64 tensor of the fields (in declaration order): easy to slice, concatenate and
+    send between processes."""
+    return torch.stack([getattr(params, f.name).double() for f in dataclasses.fields(AugParams)], 1)
+
+
+def params_from_tensor(table: torch.Tensor) -> AugParams:
+    """Inverse of `params_to_tensor` (flags back to bool, quality to int64)."""
+    cols = {f.name: table[:, i] for i, f in enumerate(dataclasses.fields(AugParams))}
+    for name in ("apply", "hflip", "vflip", "blur", "jpeg"):
+        cols[name] = cols[name] != 0
+    cols["quality"] = cols["quality"].round().long()
+    return AugParams(**cols)
 
 
 def _uniform(n: int, rng: tuple, generator: torch.Generator) -> torch.Tensor:
@@ -197,7 +211,8 @@ def apply_params(images: torch.Tensor, params: AugParams, image_size: int) -> to
 
 
 def augment_batch(images: torch.Tensor, cfg: AugConfig, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    """uint8 NCHW batch (any device) -> float32 normalised NCHW ``image_size`` square, same device.
+    """uint8 NCHW batch (any device) -> float32 normalised NCHW ``image_size`` square, same device:
+    `draw_params` + `apply_params` + normalise in one call.
 
     Parameters are drawn per sample from ``generator`` (a CPU generator, seeded by the caller).
     With ``cfg.is_identity`` this is exactly ``normalize(resize_uint8(images, image_size))`` and

@@ -79,7 +79,8 @@ def test_eval_image_is_resize_and_normalize_of_the_original_file(packed):
     batch = next(iter(loader(packed, "val", train=False)))
     for image, key in zip(batch.images, batch.ids):
         original = decode_image(str(by_key[key]), mode=ImageReadMode.RGB)
-        assert torch.equal(image, normalize(resize_uint8(original, SIZE)[None])[0])
+        # the same pixels (a level is 0.017 after normalising); the normalising rounds differently
+        assert torch.allclose(image, normalize(resize_uint8(original, SIZE)[None])[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.timeout(180)
@@ -238,3 +239,4 @@ def test_corrupt_image_named_through_workers(packed_copy):
 def test_too_few_samples_for_a_batch(packed):
     with pytest.raises(DataError, match="batch"):
         loader(packed, "val", train=True, world_size=2, batch_size=64)
+
