@@ -4,13 +4,15 @@ Two interchangeable backends with the same contract:
 
 * ``dali``  - `pipeline.loader_dali`: DALI webdataset reader, nvJPEG decode and GPU ops on CUDA,
   the CPU pipeline (``device_id=None``) without it.
-* ``torch`` - `pipeline.loader_torch`: webdataset stream, uint8 decode + resize in DataLoader
-  workers, per-sample augmentation on the batch on the target device (`pipeline.torch_aug`).
+* ``torch`` - `pipeline.loader_torch`: shard stream, uint8 decode + resize in DataLoader workers;
+  per-sample augmentation on the batch on the GPU (`pipeline.torch_aug`), or, on a CPU, in the
+  workers in uint8 (`pipeline.cpu_aug`). The faster backend on CPU.
 
 Contract of the returned loader (both backends):
 
 * iterating yields ``Batch(images, labels, ids)``: images float32 NCHW ``image_size`` square,
-  normalised with `pipeline.augment.MEAN`/``STD``, on ``device``; labels float32 ``[N]`` on
+  normalised with `pipeline.augment.MEAN`/``STD``, on ``device`` (the torch backend on CPU gives
+  them channels-last memory: use ``reshape``, not ``view``, to flatten one); labels float32 ``[N]`` on
   ``device`` (1 = fake, 0 = real); ids the ``__key__`` of each sample (list of str).
 * ``len(loader)`` is the number of batches per epoch, the same on every rank.
 * ``loader.set_epoch(e)`` makes the next pass deterministic from ``(seed, e)``: the same seed and
