@@ -240,3 +240,22 @@ def test_too_few_samples_for_a_batch(packed):
     with pytest.raises(DataError, match="batch"):
         loader(packed, "val", train=True, world_size=2, batch_size=64)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("aug", ["none", "seed"])
+def test_cuda_path_matches_cpu_path(packed, aug):
+    """CUDA (augment on the GPU, in float) and CPU (augment in the workers, in uint8): the same
+    parameters per sample, so the same batches within a level or two."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    def make(device):
+        return TorchLoader(packed, "train", device=device, batch_size=8, image_size=40, train=True,
+                           aug=AugConfig.preset(aug), num_workers=2)
+
+    for cpu, gpu in zip(make("cpu"), make("cuda")):
+        assert gpu.images.device.type == "cuda" and gpu.ids == cpu.ids
+        assert torch.equal(gpu.labels.cpu(), cpu.labels)
+        levels = (gpu.images.cpu() - cpu.images).abs() * 255 * 0.229
+        assert levels.max() <= 2.0 and levels.mean() <= 0.3
