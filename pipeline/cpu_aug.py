@@ -77,13 +77,21 @@ def resize_into(images: List[np.ndarray], out: np.ndarray) -> None:
                 out[i] = images[i]
             continue
         src = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2)  # channels-last view
+        if len(idx) == out.shape[0] and _resize_out(src, target.permute(0, 3, 1, 2)):
+            continue
         resized = F.interpolate(src, size=out.shape[1:3], mode="bilinear", antialias=True, align_corners=False)
-        resized = resized.permute(0, 2, 3, 1)
-        if len(idx) == out.shape[0]:
-            target.copy_(resized)
-        else:
-            for j, i in enumerate(idx):
-                target[i].copy_(resized[j])
+        for j, i in enumerate(idx):
+            target[i].copy_(resized[j].permute(1, 2, 0))
+
+
+def _resize_out(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """``F.interpolate(src, antialias=True)`` written straight into ``dst`` (the shared-memory batch):
+    no 10 MB temporary to page in and copy. False where this torch lacks the ``out=`` overload."""
+    try:
+        torch.ops.aten._upsample_bilinear2d_aa.out(src, list(dst.shape[2:]), False, None, None, out=dst)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    return True
 
 
 def warp_matrices(inv: np.ndarray, image_size: int) -> np.ndarray:
