@@ -107,3 +107,20 @@ def test_decode_rgb_and_garbage():
     ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     assert ok and np.array_equal(cpu_aug.decode(png.tobytes()), image)  # RGB order, lossless
     assert cpu_aug.decode(b"not an image at all") is None
+
+
+def test_buffer_pool_reuses_a_block_only_when_nothing_references_it():
+    pool = cpu_aug.BufferPool(capacity=2)
+    a = pool.empty((2, 4, 4, 3))
+    a.fill_(1.0)
+    view = a[0]  # a view keeps the block: it must not be handed out again
+    del a
+    b = pool.empty((2, 4, 4, 3))
+    assert b.data_ptr() != view.data_ptr() and torch.all(view == 1.0)
+    b_ptr = b.data_ptr()
+    del b
+    assert pool.empty((2, 4, 4, 3)).data_ptr() == b_ptr  # released: reused
+    del view
+    assert len(pool.blocks) == 2
+    big = pool.empty((3, 4, 4, 3))  # larger than both blocks, pool full: a plain tensor
+    assert big.shape == (3, 4, 4, 3) and all(big.data_ptr() != blk[0].ctypes.data for blk in pool.blocks)
