@@ -46,6 +46,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data import DataError, resolve_shards
 from pipeline.folders import check_inference_args, Item, collect, score_items, shard_items
+from pipeline.loaders import BACKEND_CHOICES, resolve_backend
 from pipeline.metrics import SingleClassWarning, binary_metrics, plot_roc, plot_score_hist, to_jsonable
 from shard_tools.fsutil import atomic_open, atomic_write_json
 from shard_tools.inputs import InputError
@@ -82,7 +83,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--split", default="val", help="split of --data to evaluate")
     g.add_argument("--real", nargs="+", default=None, help="folder(s) or files of real images (read directly, recursive)")
     g.add_argument("--fake", nargs="+", default=None, help="folder(s) or files of fake images (read directly, recursive)")
-    g.add_argument("--backend", default="dali", choices=["dali", "torch"], help="loader backend for --data")
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="loader backend for --data: dali, torch, or auto (default: dali on CUDA when DALI is "
+                        "installed, else torch)")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
     g = p.add_argument_group("output")
@@ -103,7 +106,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 @torch.inference_mode()
 def score_shards(
-    model: torch.nn.Module, data: str | Path, split: str, *, image_size: int, backend: str = "dali",
+    model: torch.nn.Module, data: str | Path, split: str, *, image_size: int, backend: str = "auto",
     device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
 ) -> Scores:
     """Score every sample of ``split`` once through `build_loader` (eval mode); sources from the shards' json."""
@@ -219,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             items = shard_items(resolve_shards(args.data, args.split).shards) if args.robustness else []
             s = score_shards(model, args.data, args.split, backend=args.backend, **common)
             skipped: List[dict] = []
-            source = {"data": str(args.data), "split": args.split, "backend": args.backend}
+            source = {"data": str(args.data), "split": args.split,
+                      "backend": resolve_backend(args.backend, args.device)}
         else:
             s, items, skipped = score_folders(model, args.real, args.fake, **common)
             source = {"real": list(args.real), "fake": list(args.fake)}

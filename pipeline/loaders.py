@@ -26,6 +26,7 @@ Contract of the returned loader (both backends):
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import List, NamedTuple, Sequence, Tuple, Union
@@ -35,6 +36,18 @@ import torch
 from pipeline.augment import AugConfig
 
 BACKENDS = ("dali", "torch")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
+    """``auto`` -> ``dali`` on a CUDA device when DALI is installed (nvJPEG decode + GPU ops), else
+    ``torch`` (on a CPU its workers finish each image in uint8: the faster loader there); any other
+    value is returned as it is."""
+    if backend != "auto":
+        return backend
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("nvidia.dali") is not None:
+        return "dali"
+    return "torch"
 
 
 class Batch(NamedTuple):
@@ -47,7 +60,7 @@ def build_loader(
     data: Union[str, Path],
     split: str,
     *,
-    backend: str = "dali",
+    backend: str = "auto",
     device: Union[str, torch.device] = "cpu",
     batch_size: int = 64,
     image_size: int = 224,
@@ -60,12 +73,14 @@ def build_loader(
 ):
     """Build a loader over ``split`` of ``data`` (a pack output folder or a shard pattern).
 
-    ``aug`` is an `AugConfig`, a preset name, or None (``none`` for eval, ``seed`` for train).
+    ``backend``: ``dali``, ``torch`` or ``auto`` (`resolve_backend`). ``aug`` is an `AugConfig`, a
+    preset name, or None (``none`` for eval, ``seed`` for train).
     Raises ValueError for bad arguments and `pipeline.data.DataError` for bad data, both naming
     the flag or file.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKEND_CHOICES)}")
+    backend = resolve_backend(backend, device)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: must be >= 1")
     if image_size < 8:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional
 
 from model import MIN_IMAGE_SIZE, list_models
 from pipeline.augment import PRESETS
-from pipeline.loaders import BACKENDS
+from pipeline.loaders import BACKEND_CHOICES
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     loss: str = "bce"
     aug: str = "seed"
-    backend: str = "dali"
+    backend: str = "auto"
     workers: int = 2
     grad_accum: int = 1
     seed: int = 0
@@ -100,7 +100,7 @@ class TrainConfig:
         choice("loss", self.loss, LOSSES)
         choice("schedule", self.schedule, SCHEDULES)
         choice("aug", self.aug, PRESETS)
-        choice("backend", self.backend, BACKENDS)
+        choice("backend", self.backend, BACKEND_CHOICES)
         if self.recipe is not None:
             choice("recipe", self.recipe, tuple(RECIPES))
         if self.mixed_precision is not None:
@@ -142,8 +142,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="pack output folder of deepfake-pack (with manifest.json, train and val splits)")
-    g.add_argument("--backend", default=d["backend"].default, choices=BACKENDS,
-                   help="loader backend: dali (nvJPEG + GPU ops; CPU pipeline without CUDA) or torch (webdataset + torchvision)")
+    g.add_argument("--backend", default=d["backend"].default, choices=BACKEND_CHOICES,
+                   help="loader backend: dali (nvJPEG + GPU ops; CPU pipeline without CUDA), torch (shard stream + "
+                        "DataLoader workers; augments on the GPU, or in the workers on a CPU), or auto (default: dali "
+                        "on CUDA when DALI is installed, else torch, the faster one on a CPU)")
     g.add_argument("--workers", type=int, default=d["workers"].default, help="loader worker processes per rank (torch backend) / DALI threads")
     g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
                    help="training augmentation preset (pipeline.augment.AugConfig): none, seed (the original's), robust (+blur, JPEG)")

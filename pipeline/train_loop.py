@@ -13,7 +13,7 @@ import torch
 from model import count_params, create_model
 from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data import DataError, resolve_shards
-from pipeline.loaders import build_loader
+from pipeline.loaders import build_loader, resolve_backend
 from pipeline.metrics import format_metrics, plot_history, to_jsonable
 from pipeline.train_utils import (
     Progress, RunError, build_optimizer, build_scheduler, check_run_dir, evaluate, latest_state,
@@ -39,7 +39,8 @@ class _Setup:
                 f"--batch-size {cfg.batch_size}: larger than each process's share of the train split "
                 f"({train_set.num_samples} samples / {world} processes = {train_set.num_samples // world}); lower it"
             )
-        common = dict(backend=cfg.backend, device=accelerator.device, batch_size=cfg.batch_size,
+        self.backend = resolve_backend(cfg.backend, accelerator.device)
+        common = dict(backend=self.backend, device=accelerator.device, batch_size=cfg.batch_size,
                       image_size=cfg.image_size, rank=accelerator.process_index, world_size=world,
                       seed=cfg.seed, num_workers=cfg.workers)
         self.train_loader = build_loader(cfg.data, "train", train=True, aug=cfg.aug, **common)
@@ -117,7 +118,7 @@ def _train(cfg, accelerator, setup: _Setup) -> int:
     logger.info("%s: %s params, %d process(es) on %s (%s, mixed precision %s), %d steps/epoch of %d x %d, %s backend",
                 cfg.model, f"{count_params(accelerator.unwrap_model(model)):,}", world, accelerator.device,
                 accelerator.distributed_type.value, accelerator.mixed_precision, setup.steps, cfg.batch_size, world,
-                cfg.backend)
+                setup.backend)
     ids_checksum = 0
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         t_epoch = time.perf_counter()
@@ -194,7 +195,7 @@ def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Pr
         "distributed_type": accelerator.distributed_type.value, "mixed_precision": accelerator.mixed_precision,
         "device": str(accelerator.device),
         "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor() or "cpu",
-        "backend": cfg.backend, "epochs": progress.epoch, "steps_per_epoch": setup.steps,
+        "backend": setup.backend, "epochs": progress.epoch, "steps_per_epoch": setup.steps,
         "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
         "train_samples": setup.n_train, "val_samples": setup.n_val,
         "best_epoch": progress.best_epoch, "best": progress.best_metrics, "final": last,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -259,3 +260,14 @@ def test_cuda_path_matches_cpu_path(packed, aug):
         assert torch.equal(gpu.labels.cpu(), cpu.labels)
         levels = (gpu.images.cpu() - cpu.images).abs() * 255 * 0.229
         assert levels.max() <= 2.0 and levels.mean() <= 0.3
+
+
+def test_resolve_backend():
+    from pipeline.loaders import resolve_backend
+
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("dali", "cpu") == "dali" and resolve_backend("torch", "cuda") == "torch"
+    expected = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
+    assert resolve_backend("auto", "cuda") == expected  # no CUDA needed to decide
+    with pytest.raises(ValueError, match="auto, dali, torch"):
+        build_loader("unused", "val", backend="fast", train=False)

@@ -282,3 +282,10 @@ def test_grad_accum_and_bf16_autocast(packed, tmp_path):
     assert summary["mixed_precision"] == "bf16" and summary["steps_per_epoch"] == 2
     assert summary["global_batch_size"] == 16
     assert np.isfinite(float(_rows(run)[0]["train_loss"]))
+
+
+def test_auto_backend_on_cpu_is_torch(packed, tmp_path):
+    run = tmp_path / "auto"
+    assert main(_args(packed, run, "--epochs", "1", "--max-steps", "2", backend="auto")) == 0
+    assert json.loads((run / "config.json").read_text())["backend"] == "auto"
+    assert json.loads((run / "summary.json").read_text())["backend"] == "torch"  # what actually ran
