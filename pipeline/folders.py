@@ -13,10 +13,8 @@ Samples inside local tar shards can be scored through the same path (`shard_item
 from __future__ import annotations
 
 import argparse
-
 import json
 import logging
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -27,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.augment import normalize, resize_uint8
+from pipeline.tar_reader import iter_members
 from shard_tools.imageio import BadImage, load_rgb
 from shard_tools.inputs import CLASS_NAMES, Candidate, walk_folder
 
@@ -98,18 +97,18 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
                 f"{shard}: reading shard images one by one (evaluate --robustness) needs local .tar files, not URLs"
             )
         samples: Dict[str, dict] = {}
-        with tarfile.open(shard, "r:") as tf:
-            for m in tf:
-                if not m.isfile() or "." not in m.name:
-                    continue
-                key, ext = m.name.split(".", 1)
+        with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.tar_reader)
+            for key, ext, offset, size in iter_members(shard):
                 s = samples.setdefault(key, {})
                 if ext in ("jpg", "png", "webp"):
-                    s["image"] = (shard, m.offset_data, m.size)
-                elif ext == "cls":
-                    s["label"] = int(tf.extractfile(m).read().strip())
-                elif ext == "json":
-                    s["source"] = json.loads(tf.extractfile(m).read()).get("source", "")
+                    s["image"] = (shard, offset, size)
+                elif ext in ("cls", "json"):
+                    f.seek(offset)
+                    data = f.read(size)
+                    if ext == "cls":
+                        s["label"] = int(data.strip())
+                    else:
+                        s["source"] = json.loads(data).get("source", "")
         for key, s in samples.items():
             if "image" not in s or "label" not in s:
                 raise ValueError(f"{shard}: sample {key} has no image or no .cls member")

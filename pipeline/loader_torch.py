@@ -43,7 +43,6 @@ import hashlib
 import logging
 import math
 import random
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -54,7 +53,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import cpu_aug
+from pipeline import cpu_aug, tar_reader
 from pipeline.augment import AugConfig, normalize_
 from pipeline.data import VERIFY_HINT, DataError, resolve_shards
 from pipeline.loaders import Batch, rank_share, steps_per_epoch
@@ -216,19 +215,11 @@ def _new_batch(shape: Tuple[int, ...]) -> torch.Tensor:
 
 
 def count_samples(shard: str) -> int:
-    """Samples in a local tar shard (distinct consecutive keys), read from the tar headers."""
-    count, last = 0, None
+    """Samples in a local tar shard, counted from the tar headers with the reader's own grouping."""
     try:
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, _ = wds.tariterators.base_plus_ext(member.name)
-                if key is not None and key != last:
-                    count, last = count + 1, key
-    except (OSError, tarfile.TarError) as exn:
+        return tar_reader.count_samples(shard)
+    except (OSError, TarFormatError) as exn:
         raise DataError(f"shard {shard}: cannot read it as a tar ({exn}); " + _hint(shard, None)) from None
-    return count
 
 
 def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:

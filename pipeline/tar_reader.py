@@ -48,7 +48,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 
 from webdataset.tariterators import base_plus_ext
 
-__all__ = ["TarFormatError", "iter_samples"]
+__all__ = ["TarFormatError", "count_samples", "iter_members", "iter_samples"]
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -92,18 +92,10 @@ def iter_samples(path: Union[str, "os.PathLike[str]"], start: int = 0, stop: Opt
     url = os.fspath(path)
     if stop is not None and stop <= start:
         return
-    with open(url, "rb") as file:
-        if os.fstat(file.fileno()).st_size == 0:
-            raise TarFormatError(f"{url}: empty file (0 bytes) at byte 0: not a tar archive")
-        buf = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)  # the mapping outlives the file object
+    buf = _map(url)
     try:
         index, key_now, sample = -1, None, None
-        for name, offset, size in _members(buf, url):
-            if name.startswith("__") and (("/" not in name and name.endswith("__")) or _META.match(name)):
-                continue
-            key, ext = base_plus_ext(name)
-            if key is None:
-                continue
+        for key, ext, name, offset, size in _keyed_members(buf, url):
             if key != key_now:
                 if sample is not None:
                     yield sample
@@ -114,7 +106,6 @@ def iter_samples(path: Union[str, "os.PathLike[str]"], start: int = 0, stop: Opt
                 if index >= start:
                     sample = {"__key__": key, "__url__": url}
             if sample is not None:
-                ext = ext.lower()
                 if ext in sample:
                     raise TarFormatError(f"{url}: member {name} at byte {offset - BLOCK}: sample {key} already has "
                                          f"a .{ext} member (duplicate file name in the tar)")
@@ -123,6 +114,48 @@ def iter_samples(path: Union[str, "os.PathLike[str]"], start: int = 0, stop: Opt
             yield sample
     finally:
         buf.close()
+
+
+def iter_members(path: Union[str, "os.PathLike[str]"]) -> Iterator[Tuple[str, str, int, int]]:
+    """``(key, ext, data offset, size)`` of each member of a local tar shard that belongs to a sample,
+    in archive order, grouped by the same rules as `iter_samples` (extension lower-cased), from the
+    headers alone: for readers that fetch member data by offset later. Raises as `iter_samples`."""
+    url = os.fspath(path)
+    buf = _map(url)
+    try:
+        for key, ext, _, offset, size in _keyed_members(buf, url):
+            yield key, ext, offset, size
+    finally:
+        buf.close()
+
+
+def count_samples(path: Union[str, "os.PathLike[str]"]) -> int:
+    """The number of samples `iter_samples` yields for ``path`` (distinct consecutive keys), from the
+    headers alone: no member data is copied. Raises as `iter_samples` does."""
+    count, key_now = 0, None
+    for key, *_ in iter_members(path):
+        if key != key_now:
+            count, key_now = count + 1, key
+    return count
+
+
+def _map(url: str) -> mmap.mmap:
+    """The file mapped read-only (the mapping outlives the file object); an empty file is an error."""
+    with open(url, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise TarFormatError(f"{url}: empty file (0 bytes) at byte 0: not a tar archive")
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _keyed_members(buf: mmap.mmap, url: str) -> Iterator[Tuple[str, str, str, int, int]]:
+    """(key, ext, name, data offset, size) of each member that belongs to a sample, in archive order,
+    the extension lower-cased: webdataset's metadata members and key-less names are left out."""
+    for name, offset, size in _members(buf, url):
+        if name.startswith("__") and (("/" not in name and name.endswith("__")) or _META.match(name)):
+            continue
+        key, ext = base_plus_ext(name)
+        if key is not None:
+            yield key, ext.lower(), name, offset, size
 
 
 def _members(buf: mmap.mmap, url: str) -> Iterator[Tuple[str, int, int]]:

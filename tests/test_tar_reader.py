@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import pytest
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.tar_reader import TarFormatError, iter_samples
+from pipeline.tar_reader import TarFormatError, count_samples, iter_samples
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 LONG_DIR = "d" * 70 + "/" + "e" * 40  # a 111-char folder: ustar needs the prefix field, GNU an 'L' member, pax a path
@@ -91,6 +91,7 @@ def test_same_samples_as_webdataset(tmp_path: Path, fmt: str) -> None:
     assert ours[2] == {"__key__": "k2", "__url__": str(path), "seg.png": blob(3, 513), "cls": b""}
     assert ours[3]["jpg"] == blob(4, 1024) and ours[4]["jpg"] == blob(5, 100)
     assert all(type(v) is bytes for s in ours for k, v in s.items() if not k.startswith("__"))
+    assert count_samples(path) == len(ours) == 7  # the same grouping: the __meta__ member is no sample
 
 
 def test_pax_global_header_and_no_end_blocks(tmp_path: Path) -> None:
@@ -178,6 +179,16 @@ def expect_error(path: Path, *fragments: str) -> str:
     for fragment in (str(path),) + fragments:
         assert fragment in message, message
     return message
+
+
+def test_count_samples_raises_like_iter_samples(tmp_path: Path) -> None:
+    path = write_tar(tmp_path / "cut.tar", tarfile.USTAR_FORMAT)
+    _, data = header_offset(path, "k2.seg.png")
+    path.write_bytes(path.read_bytes()[:data + 100])  # cut inside a member's data
+    with pytest.raises(TarFormatError, match="truncated"):
+        list(iter_samples(path))
+    with pytest.raises(TarFormatError, match="truncated"):
+        count_samples(path)
 
 
 def test_truncated_in_data(tmp_path: Path) -> None:
