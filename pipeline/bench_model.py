@@ -73,30 +73,17 @@ def row_stall(params: dict, monitor: TreeMonitor) -> List[dict]:
     # The first batch shows the loader's memory format: the synthetic tensors take the same one
     # (a CPU convolution runs ~1.5x faster on channels-last input, which the torch backend gives).
     loader = open_loader(params, backend, train=True, aug="seed")
-    batches = _batches(loader)
-    first = next(batches)
-    channels_last = not first.images.is_contiguous() and first.images.is_contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device="cpu").manual_seed(params["seed"])
     x = torch.randn(b, 3, s, s, generator=gen).to(device)
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     y = torch.randint(0, 2, (b,), generator=gen).float().to(device)
+    waits: List[float] = []
 
     def synthetic() -> Iterator[Tuple[int, int]]:
         while True:
             step(x, y)
             yield b, 0
 
-    try:
-        synth = measure_stream(Stream(synthetic(), sync=sync), monitor, **timing).summary()
-    except BaseException:
-        getattr(loader, "close", lambda: None)()
-        raise
-    synth_mem = monitor.memory()
-
-    waits: List[float] = []
-
-    def real() -> Iterator[Tuple[int, int]]:
-        it = itertools.chain([first], batches)
+    def real(it: Iterator) -> Iterator[Tuple[int, int]]:
         while True:
             t0 = time.perf_counter()
             batch = next(it)
@@ -105,7 +92,16 @@ def row_stall(params: dict, monitor: TreeMonitor) -> List[dict]:
             yield int(batch.images.shape[0]), 0
 
     try:
-        fed = measure_stream(Stream(real(), sync=sync), monitor, **timing).summary()
+        batches = _batches(loader)
+        first = next(batches)
+        channels_last = (not first.images.is_contiguous()
+                         and first.images.is_contiguous(memory_format=torch.channels_last))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        synth = measure_stream(Stream(synthetic(), sync=sync), monitor, **timing).summary()
+        synth_mem = monitor.memory()
+        fed = measure_stream(Stream(real(itertools.chain([first], batches)), sync=sync), monitor,
+                             **timing).summary()
     finally:
         getattr(loader, "close", lambda: None)()
     timed_steps = timing["batches"] * timing["repeats"]
