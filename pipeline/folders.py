@@ -27,7 +27,8 @@ from tqdm import tqdm
 from pipeline.augment import normalize, resize_uint8
 from pipeline.tar_reader import iter_members
 from shard_tools.imageio import BadImage, load_rgb
-from shard_tools.inputs import CLASS_NAMES, Candidate, walk_folder
+from shard_tools.format import CLASS_NAMES
+from shard_tools.inputs import Candidate, walk_folder
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-CLASS_NAMES = ("real", "fake")  # cls 0 = real, 1 = fake
+from shard_tools.format import CLASS_NAMES
+
 _LABELS = {"real": 0, "0": 0, "fake": 1, "1": 1}
 
 

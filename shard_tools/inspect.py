@@ -35,12 +35,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from shard_tools import fsutil
+from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, MANIFEST
 from shard_tools.imageio import BadImage, inspect_bytes, load_rgb
 
 logger = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-CLASS_NAMES = ("real", "fake")
-IMAGE_EXTS = ("jpg", "png", "webp")
 _MAX_PROBLEMS_SHOWN = 50
 
 

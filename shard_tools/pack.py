@@ -40,13 +40,13 @@ from tqdm import tqdm
 
 from shard_tools import fsutil
 from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
-from shard_tools.inputs import CLASS_NAMES, InputError, Skip, collect
+from shard_tools.format import CLASS_NAMES, MANIFEST
+from shard_tools.inputs import InputError, Skip, collect
 from shard_tools.plan import SPLITS, Item, histograms, make_plan, shortcut_warnings
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
 TOOL, VERSION, FORMAT_VERSION = "deepfake-pack", "0.1.0", 1
-MANIFEST = "manifest.json"
 
 
 def get_args_parser() -> argparse.ArgumentParser:

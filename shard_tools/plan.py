@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 from shard_tools.imageio import ImageInfo
-from shard_tools.inputs import CLASS_NAMES, Candidate, Skip
+from shard_tools.format import CLASS_NAMES
+from shard_tools.inputs import Candidate, Skip
 
 SPLITS = ("train", "val")
 _MAX_HIST_BINS = 100

@@ -18,7 +18,7 @@ from typing import List
 
 from shard_tools.fsutil import TMP_PREFIX, atomic_open
 from shard_tools.imageio import BadImage, read_bytes, stored_bytes
-from shard_tools.inputs import CLASS_NAMES
+from shard_tools.format import CLASS_NAMES
 from shard_tools.plan import Item
 
 
