@@ -13,22 +13,24 @@ decode-only limit and to the original baseline, peak RSS of the process tree, CP
 """
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file's folder off it (else shard_tools/
+    _here = os.path.dirname(os.path.abspath(__file__))  # inspect.py would shadow the stdlib's inspect, and so on)
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
 import argparse
 import datetime
 import logging
-import os
 import platform
-import sys
 from pathlib import Path
 from typing import List, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from tqdm import tqdm
 
-from pipeline.bench_harness import run_row
-from pipeline.bench_report import add_ratios, plot, table
+from pipeline.benchmark.report import add_ratios, plot, table
+from pipeline.benchmark.runner import run_row
 from shard_tools.fsutil import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -182,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import torch
 
-    from pipeline.data import DataError, resolve_shards
+    from pipeline.data.shards import DataError, resolve_shards
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -18,7 +18,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from pipeline.augment import MEAN, STD
+from pipeline.augment.config import MEAN, STD
 from shard_tools.fsutil import atomic_write_bytes
 
 FORMAT = "deepfake-detector/1"

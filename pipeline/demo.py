@@ -9,19 +9,18 @@ bench (short). Ends with a summary table and the paths of the PNGs it wrote.
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
+import os
+import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file's folder off it (else shard_tools/
+    _here = os.path.dirname(os.path.abspath(__file__))  # inspect.py would shadow the stdlib's inspect, and so on)
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -99,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     times = {}
     t_start = time.perf_counter()
     if args.real is None:
-        from pipeline.sample_data import make_sample_data
+        from pipeline.data.synthetic import make_sample_data
 
         t0 = time.perf_counter()
         real_dir, fake_dir = make_sample_data(out / "data", args.n_per_class, args.sample_size, args.seed)

@@ -6,67 +6,45 @@
 Model name and image size come from the checkpoint metadata. Writes into ``--out``:
 
 * ``metrics.json``: counts per class, accuracy at ``--threshold`` and at the EER threshold, ROC AUC,
-  average precision, EER, confusion matrix (`pipeline.metrics.binary_metrics`); per input folder
+  average precision, EER, confusion matrix (`pipeline.scoring.metrics.binary_metrics`); per input folder
   when more than one folder is given (each folder's accuracy, and the AUC of that folder against
   all images of the other class); every skipped file with its reason.
 * ``scores.csv`` (id, source, group, label, score), ``roc.png``, ``scores.png`` (histogram by class).
-* with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.degrade`).
+* with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
 
-How images are read: ``--data`` uses the training loaders (`pipeline.loaders.build_loader`,
+How images are read: ``--data`` uses the training loaders (`pipeline.data.loader.build_loader`,
 ``train=False``, augmentation ``none``; padding repeats dropped by id). ``--real/--fake`` reads the
-files directly (`pipeline.folders`: the packer's walk and decode rules, then the loaders' eval
+files directly (`pipeline.data.folders`: the packer's walk and decode rules, then the loaders' eval
 preprocessing); unreadable files are skipped and listed, never fatal. ``--robustness`` degrades the
 decoded image at its original resolution, before the eval resize; with ``--data`` it reads each
-sample's image member straight from the local tar (`pipeline.folders.shard_items`) through that
+sample's image member straight from the local tar (`pipeline.data.folders.shard_items`) through that
 same file path, and its clean reference is scored the same way (so it may differ from the loader's
 scores by decoder rounding).
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
-import csv
-import logging
 import os
 import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import List, Optional, Sequence
 
-import numpy as np
-import torch
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file's folder off it (else shard_tools/
+    _here = os.path.dirname(os.path.abspath(__file__))  # inspect.py would shadow the stdlib's inspect, and so on)
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
+
+import argparse
+import logging
+from pathlib import Path
+from typing import List, Optional
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.data import DataError, resolve_shards
-from pipeline.folders import check_inference_args, Item, collect, score_items, shard_items
-from pipeline.loaders import BACKEND_CHOICES, resolve_backend
-from pipeline.metrics import SingleClassWarning, binary_metrics, plot_roc, plot_score_hist, to_jsonable
-from shard_tools.fsutil import atomic_open, atomic_write_json
+from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
+from pipeline.data.shards import DataError
+from pipeline.scoring.cli import check_inference_args, default_device
+from pipeline.scoring.metrics import plot_roc, plot_score_hist, to_jsonable
+from pipeline.scoring.score import _metrics, per_group, score_folders, score_shards, write_scores_csv
+from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 
 logger = logging.getLogger("pipeline.evaluate")
-
-
-@dataclass
-class Scores:
-    """One row per scored image: ``ids`` (path or shard key), original ``sources``, input ``groups``."""
-
-    ids: List[str]
-    sources: List[str]
-    groups: List[str]
-    labels: np.ndarray
-    scores: np.ndarray
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -104,93 +82,6 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     check_inference_args(p, args)
 
 
-@torch.inference_mode()
-def score_shards(
-    model: torch.nn.Module, data: str | Path, split: str, *, image_size: int, backend: str = "auto",
-    device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
-) -> Scores:
-    """Score every sample of ``split`` once through `build_loader` (eval mode); sources from the shards' json."""
-    from pipeline.loaders import build_loader, drop_repeats
-
-    loader = build_loader(data, split, backend=backend, device=device, batch_size=batch_size, image_size=image_size,
-                          train=False, aug="none", num_workers=num_workers)
-    model.eval()
-    ids: List[str] = []
-    labels: List[float] = []
-    scores: List[float] = []
-    for batch in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not progress, leave=False):
-        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
-        ids.extend(batch.ids)
-        labels.extend(batch.labels.cpu().tolist())
-        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
-    ids, labels, scores = drop_repeats(ids, labels, scores)
-    shardset = resolve_shards(data, split)
-    if shardset.num_samples is not None and shardset.num_samples != len(ids):
-        logger.warning("%s %s: scored %d distinct samples, the manifest lists %d", data, split, len(ids),
-                       shardset.num_samples)
-    sources = {}
-    try:
-        sources = {it.path: (it.source, it.group) for it in shard_items(shardset.shards)}
-    except ValueError:  # remote shards: no per-sample source paths
-        pass
-    return Scores(ids, [sources.get(k, ("", ""))[0] for k in ids], [sources.get(k, ("", ""))[1] for k in ids],
-                  np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64))
-
-
-def score_folders(
-    model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int,
-    device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
-) -> tuple[Scores, List[Item], List[dict]]:
-    """Score files under ``real`` and ``fake``; returns (scores, the items that scored, skip records)."""
-    real_items, skipped = collect(real, label=0)
-    fake_items, more = collect(fake, label=1)
-    items, skipped = real_items + fake_items, skipped + more
-    values, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress, desc="evaluate")
-    for i, err in sorted(errors.items()):
-        reason, _, detail = err.partition(": ")
-        skipped.append({"path": items[i].path, "label": ("real", "fake")[items[i].label], "reason": reason,
-                        "detail": detail})
-    ok = [i for i in range(len(items)) if i not in errors]
-    kept = [items[i] for i in ok]
-    scores = Scores([it.path for it in kept], [it.path for it in kept], [it.group for it in kept],
-                    np.asarray([it.label for it in kept], dtype=np.int64), values[ok])
-    return scores, kept, skipped
-
-
-def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SingleClassWarning)
-        return binary_metrics(labels, scores, threshold=threshold)
-
-
-def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
-    """Each input folder: its accuracy and mean score, and its AUC/AP against every image of the other class."""
-    out = []
-    for group in dict.fromkeys(s.groups):
-        mask = np.asarray([g == group for g in s.groups])
-        label = int(s.labels[mask][0])
-        pair = mask | (s.labels != label)
-        m = _metrics(s.labels[pair], s.scores[pair], threshold)
-        correct = (s.scores[mask] >= threshold).astype(np.int64) == label
-        at_eer = (s.scores[mask] >= eer_threshold).astype(np.int64) == label
-        out.append({
-            "folder": group, "label": ("real", "fake")[label], "n": int(mask.sum()),
-            "accuracy": float(correct.mean()), "accuracy_at_eer": float(at_eer.mean()) if np.isfinite(eer_threshold) else None,
-            "mean_score": float(s.scores[mask].mean()),
-            "roc_auc_vs_other_class": m["roc_auc"], "average_precision_vs_other_class": m["average_precision"],
-        })
-    return out
-
-
-def write_scores_csv(path: Path, s: Scores) -> None:
-    with atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["id", "source", "group", "label", "score"])
-        for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
-            w.writerow([*row[:3], ("real", "fake")[row[3]], f"{row[4]:.6f}"])
-
-
 def log_table(report: dict) -> None:
     m = report["metrics"]
     logger.info("evaluated %d images (%d real, %d fake), %d skipped", m["n"], m["n_real"], m["n_fake"], report["n_skipped"])
@@ -218,12 +109,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         size = int(meta["image_size"])
         common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
         if args.data is not None:
-            # robustness reads the local tars by offset: fail on remote shards before the long part
-            items = shard_items(resolve_shards(args.data, args.split).shards) if args.robustness else []
-            s = score_shards(model, args.data, args.split, backend=args.backend, **common)
+            spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
+                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers)
+            s, items = score_shards(model, spec, need_items=args.robustness)
             skipped: List[dict] = []
-            source = {"data": str(args.data), "split": args.split,
-                      "backend": resolve_backend(args.backend, args.device)}
+            source = {"data": str(args.data), "split": args.split, "backend": spec.backend}
         else:
             s, items, skipped = score_folders(model, args.real, args.fake, **common)
             source = {"real": list(args.real), "fake": list(args.fake)}
@@ -252,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     plot_score_hist(s.labels, s.scores, out / "scores.png", threshold=args.threshold, title="P(fake) by class")
     log_table(report)
     if args.robustness:
-        from pipeline.degrade import plot_robustness, run_sweep
+        from pipeline.scoring.robustness import plot_robustness, run_sweep
 
         clean = (s.labels, s.scores) if args.data is None else None
         rob = run_sweep(model, items, clean=clean, threshold=args.threshold, **common)

@@ -5,7 +5,7 @@
 
 Folders are walked recursively with the packer's rules (sorted; hidden names skipped and counted);
 content decides the format, not the extension. Each image is read with the packer's decoder and
-preprocessed exactly as the loaders' eval path (`pipeline.folders`). Rows: ``path``, ``p_fake``
+preprocessed exactly as the loaders' eval path (`pipeline.data.folders`). Rows: ``path``, ``p_fake``
 (sigmoid of the model's logit), ``label`` (``fake`` when ``p_fake >= --threshold``, else ``real``),
 ``error`` (empty, or ``reason: detail`` for a file that could not be read; then ``p_fake`` and
 ``label`` are empty). ``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold",
@@ -16,25 +16,26 @@ Exit code: 0 when at least one image was scored, 1 when none could be (the rows 
 """
 from __future__ import annotations
 
-if __package__ in (None, ""):
-    import sys
-    from pathlib import Path
+import os
+import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file's folder off it (else shard_tools/
+    _here = os.path.dirname(os.path.abspath(__file__))  # inspect.py would shadow the stdlib's inspect, and so on)
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 import argparse
 import csv
 import io
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.folders import check_inference_args, collect, score_items
+from pipeline.data.folders import collect
+from pipeline.scoring.cli import check_inference_args
+from pipeline.scoring.score import score_items
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("pipeline.predict")

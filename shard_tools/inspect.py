@@ -9,16 +9,12 @@ appears twice or in both splits. Exit codes: 0 ok, 1 verification found problems
 """
 from __future__ import annotations
 
+import os
 import sys
 
-if __package__ in (None, ""):
-    # Run as a file: put the repo root on sys.path and drop this folder from it, else
-    # shard_tools/inspect.py would shadow the standard library's ``inspect`` for every import.
-    import os
-
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file's folder off it (else shard_tools/
+    _here = os.path.dirname(os.path.abspath(__file__))  # inspect.py would shadow the stdlib's inspect, and so on)
+    sys.path[:] = [os.path.dirname(_here)] + [p for p in sys.path if os.path.abspath(p or ".") != _here]
 
 from pathlib import Path
 

@@ -106,13 +106,14 @@ def trained(packed, tmp_path_factory) -> Path:
 
     from model import create_model
     from pipeline.checkpoint import save_checkpoint
-    from pipeline.loaders import build_loader
+    from pipeline.data.contract import LoaderSpec
+    from pipeline.data.loader import build_loader
 
     torch.manual_seed(0)
     model = create_model("deepfakenet_tiny")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = build_loader(packed, "train", backend="torch", batch_size=16, image_size=TRAINED_IMAGE_SIZE, train=True,
-                          aug="none", num_workers=0, seed=0)
+    loader = build_loader(LoaderSpec(packed, "train", backend="torch", batch_size=16, image_size=TRAINED_IMAGE_SIZE, train=True,
+                          aug="none", num_workers=0, seed=0))
     for epoch in range(4):
         loader.set_epoch(epoch)
         for batch in loader:

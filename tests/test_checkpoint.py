@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import create_model
-from pipeline.augment import MEAN, STD
+from pipeline.augment.config import MEAN, STD
 from pipeline.checkpoint import FORMAT, CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 
 

@@ -1,4 +1,4 @@
-"""pipeline.cpu_aug: the workers' uint8 path gives what the float batch path (pipeline.torch_aug) gives."""
+"""pipeline.augment.uint8_ops: the workers' uint8 path gives what the float batch path (pipeline.augment.params) gives."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import cpu_aug
-from pipeline.augment import AugConfig, normalize, resize_uint8
-from pipeline.torch_aug import apply_params, draw_params, params_from_tensor, params_to_tensor
+from pipeline.augment import uint8_ops
+from pipeline.augment.batch_ops import apply_params, normalize, resize_uint8
+from pipeline.augment.config import AugConfig
+from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from tests.conftest import make_face
 
 
@@ -21,12 +22,12 @@ def faces_hwc(n: int, size: int = 40, seed: int = 0) -> list:
 
 def run(images: list, params, size: int) -> np.ndarray:
     out = np.zeros((len(images), size, size, 3), np.uint8)
-    cpu_aug.process_into(images, out, params)
+    uint8_ops.process_into(images, out, params)
     return out
 
 
 def reference(images: list, params, size: int) -> np.ndarray:
-    """pipeline.torch_aug on the same images and parameters, rounded back to uint8 HWC."""
+    """pipeline.augment.params on the same images and parameters, rounded back to uint8 HWC."""
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return apply_params(batch, params, size).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -86,13 +87,13 @@ def test_blur_and_jpeg_change_pixels_like_the_batch_path():
 
 def test_normalize_hwc_matches_normalize():
     batch = torch.from_numpy(np.stack(faces_hwc(3, 24)))
-    out = cpu_aug.normalize_hwc(batch)
+    out = uint8_ops.normalize_hwc(batch)
     ref = normalize(batch.permute(0, 3, 1, 2).contiguous())
     assert out.shape == (3, 3, 24, 24) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError, match="uint8 N x H x W x 3"):
-        cpu_aug.normalize_hwc(batch.permute(0, 3, 1, 2))
+        uint8_ops.normalize_hwc(batch.permute(0, 3, 1, 2))
 
 
 def test_params_tensor_round_trip():
@@ -105,12 +106,12 @@ def test_params_tensor_round_trip():
 def test_decode_rgb_and_garbage():
     image = faces_hwc(1, 32)[0]
     ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    assert ok and np.array_equal(cpu_aug.decode(png.tobytes()), image)  # RGB order, lossless
-    assert cpu_aug.decode(b"not an image at all") is None
+    assert ok and np.array_equal(uint8_ops.decode(png.tobytes()), image)  # RGB order, lossless
+    assert uint8_ops.decode(b"not an image at all") is None
 
 
 def test_buffer_pool_reuses_a_block_only_when_nothing_references_it():
-    pool = cpu_aug.BufferPool(capacity=2)
+    pool = uint8_ops.BufferPool(capacity=2)
     a = pool.empty((2, 4, 4, 3))
     a.fill_(1.0)
     view = a[0]  # a view keeps the block: it must not be handed out again

@@ -7,7 +7,6 @@ import re
 import shlex
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 # README command -> module with get_args_parser()
 TOOLS = {

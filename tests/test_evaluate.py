@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import help_text, make_face, make_image_dirs, write_image
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
 
-from conftest import help_text, make_face, make_image_dirs, write_image
 from pipeline import evaluate
+from pipeline.augment.degrade import SWEEP, Degradation, default_sweep
 from pipeline.checkpoint import save_checkpoint
-from pipeline.degrade import SWEEP, Degradation, default_sweep
-from pipeline.folders import ImageItems, Item
-
+from pipeline.data.folders import ImageItems, Item
+from pipeline.scoring.score import Scores, per_group
 
 
 def resized_checkpoint(run: Path, size: int, out: Path) -> Path:
@@ -125,9 +125,9 @@ def test_metrics_match_sklearn(trained, tmp_path):
 
 
 def test_per_group_on_known_scores():
-    s = evaluate.Scores(ids=list("abcdef"), sources=list("abcdef"), groups=["R", "R", "F1", "F1", "F2", "F2"],
+    s = Scores(ids=list("abcdef"), sources=list("abcdef"), groups=["R", "R", "F1", "F1", "F2", "F2"],
                         labels=np.array([0, 0, 1, 1, 1, 1]), scores=np.array([0.1, 0.6, 0.7, 0.2, 0.9, 0.8]))
-    rows = {r["folder"]: r for r in evaluate.per_group(s, 0.5, eer_threshold=0.65)}
+    rows = {r["folder"]: r for r in per_group(s, 0.5, eer_threshold=0.65)}
     assert rows["R"]["accuracy"] == 0.5 and rows["R"]["accuracy_at_eer"] == 1.0
     assert rows["F1"]["roc_auc_vs_other_class"] == pytest.approx(roc_auc_score([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.2]))
     assert rows["F2"]["roc_auc_vs_other_class"] == 1.0 and rows["F2"]["mean_score"] == pytest.approx(0.85)

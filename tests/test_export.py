@@ -8,10 +8,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import help_text, make_face
+
 from pipeline import export
-from pipeline.augment import normalize, resize_uint8
+from pipeline.augment.batch_ops import normalize, resize_uint8
 from pipeline.checkpoint import load_checkpoint
 
 

@@ -14,9 +14,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.augment import MEAN, STD, AugConfig  # noqa: E402
-from pipeline.data import DataError  # noqa: E402
-from pipeline.loaders import build_loader, drop_repeats  # noqa: E402
+from pipeline.augment.config import MEAN, STD, AugConfig
+from pipeline.data.contract import LoaderSpec, drop_repeats
+from pipeline.data.loader import build_loader
+from pipeline.data.shards import DataError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -25,10 +26,10 @@ SIZE = 48  # the packed fixture's images are 48x48: the warp is then exact when 
 
 def load(data, split="val", *, train=False, aug="none", batch_size=4, image_size=SIZE, rank=0, world_size=1,
          seed=0, device="cpu"):
-    return build_loader(
+    return build_loader(LoaderSpec(
         data, split, backend="dali", device=device, batch_size=batch_size, image_size=image_size, train=train,
         aug=aug, rank=rank, world_size=world_size, seed=seed, num_workers=1,
-    )
+    ))
 
 
 def run(loader) -> Dict[str, list]:
@@ -103,10 +104,10 @@ def test_eval_every_id_once_and_labels_from_folders(packed, eval_pass):
 
 
 def test_eval_matches_torchvision_resize(packed, eval_pass):
-    """The eval path is decode + bilinear antialiased resize + normalise (pipeline.augment)."""
+    """The eval path is decode + bilinear antialiased resize + normalise (pipeline.augment.config)."""
     from torchvision.io import ImageReadMode, decode_image
 
-    from pipeline.augment import normalize, resize_uint8
+    from pipeline.augment.batch_ops import normalize, resize_uint8
 
     encoded = {}
     for tar in sorted(packed.glob("val-*.tar")):
@@ -262,13 +263,13 @@ def test_too_few_samples_for_batch(packed):
 
 
 def test_import_without_dali_loaded():
-    code = "import sys, pipeline.loaders, pipeline.loader_dali; sys.exit('nvidia.dali' in sys.modules)"
+    code = "import sys, pipeline.data.loader, pipeline.data.dali_backend; sys.exit('nvidia.dali' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
 
 
 def test_missing_dali_suggests_torch_backend(packed, monkeypatch):
-    monkeypatch.delitem(sys.modules, "pipeline.dali_ops", raising=False)
+    monkeypatch.delitem(sys.modules, "pipeline.data.dali_graph", raising=False)
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
     with pytest.raises(ValueError, match="--backend torch"):
         load(packed, "val")

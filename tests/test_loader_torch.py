@@ -1,4 +1,4 @@
-"""pipeline.loader_torch on real packed shards (the `packed` fixture): ids, labels, ranks, errors."""
+"""pipeline.data.torch_backend on real packed shards (the `packed` fixture): ids, labels, ranks, errors."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import MEAN, STD, AugConfig, normalize, resize_uint8
-from pipeline.data import DataError
-from pipeline.loader_torch import TorchLoader
-from pipeline.loaders import build_loader, drop_repeats
+from pipeline.augment.batch_ops import normalize, resize_uint8
+from pipeline.augment.config import MEAN, STD, AugConfig
+from pipeline.data.contract import LoaderSpec, drop_repeats
+from pipeline.data.loader import build_loader
+from pipeline.data.shards import DataError
+from pipeline.data.torch_backend import TorchLoader
 from tests.conftest import make_face, make_image_dirs, pack_dirs, write_image
 
 SIZE = 32
@@ -43,8 +45,8 @@ def split_ids(packed: Path, split: str) -> List[str]:
 
 def loader(data, split, *, train, rank=0, world_size=1, workers=0, seed=0, aug=None, batch_size=8) -> TorchLoader:
     aug = aug or AugConfig.preset("seed" if train else "none")
-    return TorchLoader(data, split, device="cpu", batch_size=batch_size, image_size=SIZE, train=train, aug=aug,
-                       rank=rank, world_size=world_size, seed=seed, num_workers=workers)
+    return build_loader(LoaderSpec(data, split, device="cpu", batch_size=batch_size, image_size=SIZE, train=train, aug=aug,
+                       rank=rank, world_size=world_size, seed=seed, num_workers=workers, backend="torch"))
 
 
 def run(ld: TorchLoader):
@@ -148,7 +150,7 @@ def test_train_aug_changes_pixels_not_labels(packed):
 
 
 def test_build_loader_torch_backend(packed):
-    ld = build_loader(packed, "val", backend="torch", batch_size=5, image_size=SIZE, train=False, num_workers=0)
+    ld = build_loader(LoaderSpec(packed, "val", backend="torch", batch_size=5, image_size=SIZE, train=False, num_workers=0))
     assert isinstance(ld, TorchLoader)
     assert sorted(i for b in ld for i in b.ids) == sorted(split_ids(packed, "val"))
 
@@ -238,7 +240,7 @@ def test_corrupt_image_named_through_workers(packed_copy):
 
 
 def test_too_few_samples_for_a_batch(packed):
-    with pytest.raises(DataError, match="batch"):
+    with pytest.raises(ValueError, match="--batch-size 64: larger than each process"):
         loader(packed, "val", train=True, world_size=2, batch_size=64)
 
 
@@ -252,8 +254,8 @@ def test_cuda_path_matches_cpu_path(packed, aug):
         pytest.skip("needs CUDA")
 
     def make(device):
-        return TorchLoader(packed, "train", device=device, batch_size=8, image_size=40, train=True,
-                           aug=AugConfig.preset(aug), num_workers=2)
+        return build_loader(LoaderSpec(packed, "train", device=device, batch_size=8, image_size=40, train=True,
+                           aug=AugConfig.preset(aug), num_workers=2, backend="torch"))
 
     for cpu, gpu in zip(make("cpu"), make("cuda")):
         assert gpu.images.device.type == "cuda" and gpu.ids == cpu.ids
@@ -263,11 +265,11 @@ def test_cuda_path_matches_cpu_path(packed, aug):
 
 
 def test_resolve_backend():
-    from pipeline.loaders import resolve_backend
+    from pipeline.data.contract import resolve_backend
 
     assert resolve_backend("auto", "cpu") == "torch"
     assert resolve_backend("dali", "cpu") == "dali" and resolve_backend("torch", "cuda") == "torch"
     expected = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
     assert resolve_backend("auto", "cuda") == expected  # no CUDA needed to decide
     with pytest.raises(ValueError, match="auto, dali, torch"):
-        build_loader("unused", "val", backend="fast", train=False)
+        build_loader(LoaderSpec("unused", "val", backend="fast", train=False))

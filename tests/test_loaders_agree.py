@@ -8,8 +8,9 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.augment import STD, AugConfig  # noqa: E402
-from pipeline.loaders import build_loader  # noqa: E402
+from pipeline.augment.config import STD, AugConfig
+from pipeline.data.contract import LoaderSpec
+from pipeline.data.loader import build_loader
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,10 +20,10 @@ SIZE = 48  # the packed fixture's image size
 def samples(data, backend: str, *, split="val", train=False, aug="none", image_size=SIZE, rank=0,
             world_size=1) -> Dict[str, Tuple[torch.Tensor, float]]:
     """id -> (image, label) over one pass; padding repeats collapse onto their first occurrence."""
-    loader = build_loader(
+    loader = build_loader(LoaderSpec(
         data, split, backend=backend, device="cpu", batch_size=4, image_size=image_size, train=train,
         aug=aug, rank=rank, world_size=world_size, seed=0, num_workers=1,
-    )
+    ))
     out: Dict[str, Tuple[torch.Tensor, float]] = {}
     for batch in loader:
         for key, image, label in zip(batch.ids, batch.images, batch.labels.tolist()):

@@ -1,4 +1,4 @@
-"""pipeline.metrics against scikit-learn and hand-checked cases; plots written atomically."""
+"""pipeline.scoring.metrics against scikit-learn and hand-checked cases; plots written atomically."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,16 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from pipeline.metrics import (
-    SingleClassWarning, binary_metrics, equal_error_rate, plot_confusion, plot_history, plot_pr, plot_roc,
-    plot_score_hist, to_jsonable,
+from pipeline.scoring.metrics import (
+    SingleClassWarning,
+    binary_metrics,
+    equal_error_rate,
+    plot_confusion,
+    plot_history,
+    plot_pr,
+    plot_roc,
+    plot_score_hist,
+    to_jsonable,
 )
 
 

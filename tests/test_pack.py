@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-
 from conftest import make_face, make_image_dirs, pack_dirs, write_image
+
 from shard_tools.pack import main as pack_main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import help_text, make_face, write_image
 from PIL import Image
 
-from conftest import help_text, make_face, write_image
 from pipeline import predict
-from pipeline.augment import normalize, resize_uint8
+from pipeline.augment.batch_ops import normalize, resize_uint8
 from pipeline.checkpoint import load_checkpoint
 
 

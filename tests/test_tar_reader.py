@@ -1,4 +1,4 @@
-"""pipeline.tar_reader on real tar files written by Python's tarfile, against webdataset's own reader."""
+"""pipeline.data.tar_reader on real tar files written by Python's tarfile, against webdataset's own reader."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import pytest
 from webdataset.tariterators import tarfile_samples
 
-from pipeline.tar_reader import TarFormatError, count_samples, iter_samples
+from pipeline.data.tar_reader import TarFormatError, count_samples, iter_samples
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 LONG_DIR = "d" * 70 + "/" + "e" * 40  # a 111-char folder: ustar needs the prefix field, GNU an 'L' member, pax a path

@@ -1,4 +1,4 @@
-"""pipeline.torch_aug: per-sample augmentation on the batch, checked against torchvision's own ops."""
+"""pipeline.augment.params: per-sample augmentation on the batch, checked against torchvision's own ops."""
 from __future__ import annotations
 
 import math
@@ -9,10 +9,18 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.augment import MEAN, STD, AugConfig, normalize, resize_uint8
-from pipeline.torch_aug import (
-    affine_grid, apply_params, augment_batch, draw_params, gaussian_blur, inverse_affine, jpeg_roundtrip, warp,
+from pipeline.augment.batch_ops import (
+    affine_grid,
+    apply_params,
+    augment_batch,
+    gaussian_blur,
+    jpeg_roundtrip,
+    normalize,
+    resize_uint8,
+    warp,
 )
+from pipeline.augment.config import MEAN, STD, AugConfig
+from pipeline.augment.params import draw_params, inverse_affine
 from tests.conftest import make_face
 
 LOW = min((0 - m) / s for m, s in zip(MEAN, STD))

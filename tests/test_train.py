@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.loaders import build_loader, drop_repeats
-from pipeline.metrics import binary_metrics
+from pipeline.data.contract import LoaderSpec, drop_repeats
+from pipeline.data.loader import build_loader
+from pipeline.scoring.metrics import binary_metrics
 from pipeline.train import get_args_parser, main, parse_args
-from pipeline.train_utils import KILL_ENV, METRIC_COLUMNS
+from pipeline.training.rundir import KILL_ENV, METRIC_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
@@ -59,8 +60,8 @@ def _val_split(packed: Path) -> dict:
 def _rescore(run: Path, packed: Path, ckpt: str) -> dict:
     """Score the val split again from a saved checkpoint, outside the training code."""
     model, meta = load_checkpoint(run / ckpt)
-    loader = build_loader(packed, "val", backend="torch", batch_size=8, image_size=meta["image_size"],
-                          train=False, num_workers=0)
+    loader = build_loader(LoaderSpec(packed, "val", backend="torch", batch_size=8, image_size=meta["image_size"],
+                          train=False, num_workers=0))
     ids, scores, labels = [], [], []
     with torch.no_grad():
         for batch in loader:

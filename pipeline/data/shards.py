@@ -14,7 +14,9 @@ from typing import Dict, List, Optional, Union
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
 CLASS_NAMES = ("real", "fake")  # cls 0 = real, 1 = fake
+
 VERIFY_HINT = "run `deepfake-inspect {root} --verify` to check the pack output, or re-run `deepfake-pack`"
 
 

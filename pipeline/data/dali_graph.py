@@ -1,14 +1,14 @@
-"""The DALI graph of `pipeline.loader_dali`: webdataset reader -> decode -> augment -> normalise.
+"""The DALI graph of `pipeline.data.dali_backend`: webdataset reader -> decode -> augment -> normalise.
 
 Imports ``nvidia.dali`` at module level: import this module only where DALI is wanted
-(`pipeline.loader_dali` does so lazily, so the rest of the package works without DALI).
+(`pipeline.data.dali_backend` does so lazily, so the rest of the package works without DALI).
 
-Augmentation follows `pipeline.augment.AugConfig` with `pipeline.torch_aug`'s conventions
+Augmentation follows `pipeline.augment.config.AugConfig` with `pipeline.augment.params`'s conventions
 (torchvision ``RandomAffine``), every parameter drawn per sample inside the graph. One coin per
 sample (``apply_prob``) picks the samples that are augmented. Every sample gets the eval resize to
 ``image_size`` (bilinear, antialias); for the augmented ones, flips, zoom, shear and rotation then
 make one affine matrix, applied by a single ``warp_affine`` at ``image_size`` (resize, then warp, as
-`pipeline.cpu_aug` explains), then a brightness factor. Gaussian blur and JPEG re-compression then run
+`pipeline.augment.uint8_ops` explains), then a brightness factor. Gaussian blur and JPEG re-compression then run
 on the samples their own coins select. The per-sample branches are DALI conditionals: each op runs
 only on its samples.
 """
@@ -19,10 +19,12 @@ from typing import List, Optional, Sequence
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline.augment import MEAN, STD, AugConfig
+from pipeline.augment.config import MEAN, STD, AugConfig
 
 READER_NAME = "Reader"
+
 OUTPUTS = ("images", "labels", "info")
+
 IMAGE_EXT = "jpg;png;webp"
 
 
@@ -49,7 +51,7 @@ def _affine(aug: AugConfig, size: int):
         sx, sy = sx * zoom, sy * zoom
     mt = fn.transforms.translation(offset=[size * -0.5, size * -0.5])
     mt = fn.transforms.scale(mt, scale=fn.stack(sx, sy))
-    # torchvision RandomAffine conventions (as pipeline.torch_aug): shear x, then shear y, then
+    # torchvision RandomAffine conventions (as pipeline.augment.params): shear x, then shear y, then
     # rotate, with SHx(a) = [[1, -tan a], [0, 1]] and SHy(a) = [[1, 0], [-tan a, 1]]; DALI's shear
     # matrix has +tan, hence the negated angles.
     if aug.shear_x != (0.0, 0.0):
@@ -62,7 +64,7 @@ def _affine(aug: AugConfig, size: int):
 
 
 def _resize(images, size: int):
-    """The eval resize: bilinear with antialias, aspect ratio not kept (`pipeline.augment.resize_uint8`)."""
+    """The eval resize: bilinear with antialias, aspect ratio not kept (`pipeline.augment.batch_ops.resize_uint8`)."""
     return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
 
 

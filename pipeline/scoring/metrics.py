@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
 
 from shard_tools.fsutil import atomic_savefig
 
@@ -124,8 +123,6 @@ def format_metrics(m: Mapping[str, Any], keys: Sequence[str] = ("accuracy", "roc
     """One line such as ``accuracy=0.912 roc_auc=0.968 ...`` for logs."""
     return " ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys)
 
-
-# --------------------------------------------------------------------------- plots
 
 def _figure(figsize: Tuple[float, float] = (5.0, 4.0)):
     # The object-oriented Figure needs no pyplot global state and no interactive backend.

@@ -2,9 +2,9 @@
 
 Preprocessing is exactly the loaders' eval path: decode to upright uint8 RGB with
 `shard_tools.imageio.load_rgb` (content decides the format, as in the packer), optionally apply a
-robustness degradation (`pipeline.degrade`) at the original resolution, resize with
-`pipeline.augment.resize_uint8` to the checkpoint's ``image_size`` in the DataLoader workers (uint8
-crosses the process boundary), then `pipeline.augment.normalize` on the target device.
+robustness degradation (`pipeline.augment.degrade`) at the original resolution, resize with
+`pipeline.augment.batch_ops.resize_uint8` to the checkpoint's ``image_size`` in the DataLoader workers (uint8
+crosses the process boundary), then `pipeline.augment.batch_ops.normalize` on the target device.
 
 A file that cannot be read is never fatal: its row gets the `shard_tools.imageio.BadImage` reason.
 Samples inside local tar shards can be scored through the same path (`shard_items`), which is how
@@ -12,7 +12,6 @@ Samples inside local tar shards can be scored through the same path (`shard_item
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -21,13 +20,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
-from pipeline.augment import normalize, resize_uint8
-from pipeline.tar_reader import iter_members
-from shard_tools.imageio import BadImage, load_rgb
+from pipeline.augment.batch_ops import resize_uint8
+from pipeline.data.tar_reader import iter_members
 from shard_tools.format import CLASS_NAMES
+from shard_tools.imageio import BadImage, load_rgb
 from shard_tools.inputs import Candidate, walk_folder
 
 logger = logging.getLogger(__name__)
@@ -98,7 +96,7 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
                 f"{shard}: reading shard images one by one (evaluate --robustness) needs local .tar files, not URLs"
             )
         samples: Dict[str, dict] = {}
-        with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.tar_reader)
+        with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.data.tar_reader)
             for key, ext, offset, size in iter_members(shard):
                 s = samples.setdefault(key, {})
                 if ext in ("jpg", "png", "webp"):
@@ -154,56 +152,3 @@ def _collate(samples):
     ok = [s for s in samples if s[1] is not None]
     images = torch.stack([s[1] for s in ok]) if ok else None
     return [s[0] for s in ok], images, [(s[0], s[2]) for s in samples if s[1] is None]
-
-
-@torch.inference_mode()
-def score_items(
-    model: torch.nn.Module,
-    items: Sequence[Item],
-    *,
-    image_size: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    degrade: Optional[Degrade] = None,
-    progress: bool = True,
-    desc: str = "score",
-) -> Tuple[np.ndarray, Dict[int, str]]:
-    """P(fake) for each item (NaN where it failed) and ``{item index: "reason: detail"}`` for failures."""
-    device = torch.device(device)
-    model.eval()
-    scores = np.full(len(items), np.nan, dtype=np.float64)
-    errors: Dict[int, str] = {}
-    if not items:
-        return scores, errors
-    loader = DataLoader(
-        ImageItems(items, image_size, degrade), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2, leave=False)
-    for idx, images, errs in bar:
-        errors.update(errs)
-        if images is None:
-            continue
-        x = normalize(images.to(device, non_blocking=True))
-        logits = model(x).reshape(len(idx), -1)[:, 0]
-        scores[idx] = torch.sigmoid(logits.float()).cpu().numpy()
-    return scores, errors
-
-
-def check_inference_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The flags evaluate and predict share: --batch-size, --workers, --threshold, --device."""
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: must be >= 1")
-    if args.workers < 0:
-        p.error(f"--workers {args.workers}: must be >= 0")
-    if not 0.0 <= args.threshold <= 1.0:
-        p.error(f"--threshold {args.threshold}: must be in [0, 1]")
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")

@@ -10,7 +10,7 @@ little else.
 
 Supported: ustar (with the 155-byte name prefix), GNU (base-256 sizes, ``L`` long names, ``K``
 long link names), pax (``x``/``X`` extended headers: ``path`` and ``size``; ``g`` global headers
-are skipped), regular members (``0``, ``\\0``, ``7``); links, directories, devices and unknown types
+are skipped), regular members (``0``, ``\0``, ``7``); links, directories, devices and unknown types
 are skipped as webdataset skips them. The archive ends at the first all-zero block or at end of
 file on a block boundary.
 
@@ -28,7 +28,7 @@ Where this differs from webdataset (deliberately):
 * Local uncompressed files only: no ``pipe:``/URLs, no transparent gzip/bz2/xz (``r|*``).
 * pax global headers (``g``) are skipped; ``tarfile`` would apply their ``path``/``size`` to every
   later member, which no shard writer relies on.
-* The ustar prefix (bytes 345-500) is used only with the POSIX magic ``ustar\\0``; ``tarfile``
+* The ustar prefix (bytes 345-500) is used only with the POSIX magic ``ustar\0``; ``tarfile``
   also reads it under the GNU magic, where GNU tar may keep access/change times there.
 * GNU sparse members (``S`` or pax ``GNU.sparse.*``) raise `TarFormatError` instead of being
   expanded.
@@ -51,15 +51,24 @@ from webdataset.tariterators import base_plus_ext
 __all__ = ["TarFormatError", "count_samples", "iter_members", "iter_samples"]
 
 BLOCK = 512
+
 _ZERO_BLOCK = bytes(BLOCK)
+
 _POSIX_MAGIC = b"ustar\x00"
+
 # Type flags (bytes of the header at offset 156, as ints).
 _REGULAR = frozenset(b"0\x007")  # regular, old-style regular, contiguous
+
 _NO_DATA = frozenset(b"123456")  # links, devices, directories, FIFOs: tarfile skips no data after them
+
 _DIRECTORY = ord("5")
+
 _PAX, _PAX_SOLARIS, _PAX_GLOBAL = ord("x"), ord("X"), ord("g")
+
 _GNU_LONGNAME, _GNU_LONGLINK, _GNU_SPARSE = ord("L"), ord("K"), ord("S")
+
 _HEADER_KINDS = frozenset((_PAX, _PAX_SOLARIS, _PAX_GLOBAL, _GNU_LONGNAME, _GNU_LONGLINK))  # describe the next member
+
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset tar_file_iterator's default skip_meta
 
 

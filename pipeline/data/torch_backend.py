@@ -14,17 +14,17 @@ the middle of, which is read and skipped, not decoded).
 * eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once so that every
   rank yields the same number of batches of the same sizes (drop repeats by id).
 
-Workers read the tar members (`pipeline.tar_reader`), decode (OpenCV, RGB), draw each sample's
-augmentation parameters (`pipeline.torch_aug.draw_params`, seeded from ``(seed, epoch, rank,
+Workers read the tar members (`pipeline.data.tar_reader`), decode (OpenCV, RGB), draw each sample's
+augmentation parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank,
 worker)``) and write uint8 HWC images straight into a shared-memory batch. What runs where depends
 on the device:
 
-* CUDA: workers only resize (`pipeline.cpu_aug.resize_into`); the main process copies the uint8
+* CUDA: workers only resize (`pipeline.augment.uint8_ops.resize_into`); the main process copies the uint8
   batch to the GPU (pinned, non-blocking) and augments it there with the workers' parameters
-  (`pipeline.torch_aug.apply_params`), in float, then normalises.
+  (`pipeline.augment.batch_ops.apply_params`), in float, then normalises.
 * CPU: the same cores do all the work wherever it runs, so workers also apply the augmentation,
-  per sample in uint8 (`pipeline.cpu_aug.process_into`: one OpenCV warp, no float), and the main
-  process only normalises (`pipeline.cpu_aug.normalize_hwc`: one table lookup per byte). The
+  per sample in uint8 (`pipeline.augment.uint8_ops.process_into`: one OpenCV warp, no float), and the main
+  process only normalises (`pipeline.augment.uint8_ops.normalize_hwc`: one table lookup per byte). The
   images come out channels-last (an NCHW tensor with NHWC memory), which CPU convolutions take as is.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by
@@ -32,14 +32,13 @@ reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: wit
 rank can know its equal share of steps. Order depends on ``(seed, epoch, world_size,
 num_workers)``: the same values give the same batches.
 
-Errors: a missing/truncated shard (file size against the manifest in `pipeline.data`, the sample count of
+Errors: a missing/truncated shard (file size against the manifest in `pipeline.data.shards`, the sample count of
 every piece read), an unreadable tar member or an undecodable image raise `DataError` naming the
 shard and the sample key; errors inside workers are sent back as messages, so the user sees
 that one line, not a DataLoader traceback.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import random
@@ -53,22 +52,20 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import cpu_aug, tar_reader
-from pipeline.augment import AugConfig, normalize_
-from pipeline.data import VERIFY_HINT, DataError, resolve_shards
-from pipeline.loaders import Batch, rank_share, steps_per_epoch
-from pipeline.tar_reader import TarFormatError, iter_samples
-from pipeline.torch_aug import apply_params, draw_params, params_from_tensor, params_to_tensor
+from pipeline.augment import uint8_ops
+from pipeline.augment.batch_ops import apply_params, normalize_
+from pipeline.augment.config import AugConfig
+from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
+from pipeline.data import tar_reader
+from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
+from pipeline.data.tar_reader import TarFormatError, iter_samples
+from shard_tools.format import IMAGE_EXTS, is_remote
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "png", "webp")
+
 SHUFFLE_BUFFER = 1000  # samples, held as encoded bytes (~10 KB each for 256 px JPEG faces)
-
-
-def _seed(*parts) -> int:
-    """A stable 63-bit seed from any values (``hash()`` differs between processes)."""
-    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ class _ShardStream(IterableDataset):
     """One rank's samples for one epoch as uint8 batches ``(images NHWC, labels, ids, params)``.
 
     ``finish``: apply the augmentation in the workers (CPU runs); otherwise only resize and ship the
-    drawn parameters (a [N, K] float64 tensor, `pipeline.torch_aug.params_to_tensor`) for the device.
+    drawn parameters (a [N, K] float64 tensor, `pipeline.augment.params.params_to_tensor`) for the device.
     """
 
     def __init__(self, shards: List[str], sizes: List[int], *, root: Optional[Path], image_size: int,
@@ -128,7 +125,7 @@ class _ShardStream(IterableDataset):
     def pieces(self, worker: int, num_workers: int) -> List[Piece]:
         order = list(range(len(self.shards)))
         if self.train:  # same on every rank, so the ranks' ranges partition one sequence
-            random.Random(_seed(self.seed, self.epoch, "shards")).shuffle(order)
+            random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(order)
         n = sum(self.sizes)
         lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
         wlo, whi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
@@ -163,7 +160,7 @@ class _ShardStream(IterableDataset):
             raise DataError(f"shard {url}: sample {key}.cls is {cls!r}, expected ASCII 0 (real) or 1 (fake); "
                             + _hint(url, self.root))
         try:
-            image = cpu_aug.decode(sample[ext]) if sample[ext] else None
+            image = uint8_ops.decode(sample[ext]) if sample[ext] else None
         except cv2.error as exn:
             raise DataError(f"shard {url}: cannot decode {key}.{ext} (OpenCV: {str(exn).strip()}); "
                             + _hint(url, self.root)) from None
@@ -178,7 +175,7 @@ class _ShardStream(IterableDataset):
         n, size = len(decoded), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
         images = _new_batch((n, size, size, 3))
-        cpu_aug.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
         shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
         return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
 
@@ -191,9 +188,9 @@ class _ShardStream(IterableDataset):
         if self.train:
             n = sum(p.stop - p.start for p in pieces)
             buf = max(1, min(SHUFFLE_BUFFER, n))
-            rng = random.Random(_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "samples"))
             stages.append(wds.shuffle(buf, buf, rng=rng))
-        generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, worker, "aug"))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, "aug"))
         stages += [wds.batched(self.batch_size, collation_fn=list, partial=True),
                    wds.map(lambda samples: self.process(samples, generator))]
         try:
@@ -225,7 +222,7 @@ def count_samples(shard: str) -> int:
 def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
     if shardset.shard_sizes is not None:  # from the manifest (resolve_shards checked each tar's size)
         return list(shardset.shard_sizes)
-    remote = [s for s in shardset.shards if s.startswith("pipe:") or "://" in s]
+    remote = [s for s in shardset.shards if is_remote(s)]
     if remote:
         raise DataError(
             f"{data}: the torch backend needs the sample count of every shard to give each rank equal steps, "
@@ -236,34 +233,24 @@ def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
 
 
 class TorchLoader:
-    """The ``torch`` backend of `pipeline.loaders.build_loader`; see that module for the contract."""
+    """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract."""
 
-    def __init__(self, data: Union[str, Path], split: str, *, device: Union[str, torch.device], batch_size: int,
-                 image_size: int, train: bool, aug: AugConfig, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 2) -> None:
-        shardset = resolve_shards(data, split)
+    def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+        self.spec, self.shardset = spec, shardset
         self.shards = list(shardset.shards)
-        self.sizes = _shard_sizes(data, shardset)
+        self.sizes = _shard_sizes(spec.data, shardset)
         self.root = shardset.root
-        self.device = torch.device(device)
-        self.batch_size, self.image_size, self.train, self.aug = batch_size, image_size, train, aug
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device = spec.device
+        self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
+        self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.epoch = 0
-        self.pool = cpu_aug.BufferPool()
-        total = sum(self.sizes)
-        self.total = total
-        self.own = rank_share(total, rank, world_size)
-        self.steps = steps_per_epoch(total, world_size, batch_size, train=train)
-        if train:
-            if self.steps == 0:
-                raise DataError(f"{data}: split {split!r} has {total} samples, fewer than one batch of {batch_size} "
-                                f"per rank over {world_size} ranks; lower --batch-size")
-        else:
-            if total < world_size:
-                raise DataError(f"{data}: split {split!r} has {total} samples, fewer than {world_size} ranks")
-            self.padded = math.ceil(total / world_size)
+        self.pool = uint8_ops.BufferPool()
+        self.split_samples = sum(self.sizes)
+        self.own = rank_share(self.split_samples, self.rank, self.world_size)
+        self.steps = check_split_size(spec, self.split_samples)
+        self.padded = math.ceil(self.split_samples / self.world_size)
         # Every worker gets a contiguous range of at least one sample; more workers than that only idle.
-        self.num_workers = min(num_workers, self.own)
+        self.num_workers = min(spec.num_workers, self.own)
 
     @property
     def num_samples(self) -> int:
@@ -282,7 +269,7 @@ class TorchLoader:
                               batch_size=self.batch_size, train=self.train, aug=self.aug,
                               finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
                               world_size=self.world_size)
-        cpu_aug.single_threaded()  # before the workers fork (see there)
+        uint8_ops.single_threaded()  # before the workers fork (see there)
         source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
         ))
@@ -318,8 +305,8 @@ class TorchLoader:
     def __iter__(self) -> Iterator[Batch]:
         cuda = self.device.type == "cuda"
         for images, labels, ids, params in self._batches(self.epoch):
-            if not cuda:  # the workers augmented already (pipeline.cpu_aug)
-                yield Batch(cpu_aug.normalize_hwc(images, self.pool), labels.float(), ids)
+            if not cuda:  # the workers augmented already (pipeline.augment.uint8_ops)
+                yield Batch(uint8_ops.normalize_hwc(images, self.pool), labels.float(), ids)
                 continue
             if not images.is_pinned():
                 images = images.pin_memory()

@@ -1,9 +1,9 @@
-"""DALI backend of `pipeline.loaders.build_loader` (contract in that module's docstring).
+"""DALI backend of `pipeline.data.loader.build_loader` (contract in that module's docstring).
 
 One DALI pipeline per process: ``fn.readers.webdataset`` over the split's shards and ``.idx``
 files, split by sample with ``shard_id=rank, num_shards=world_size``; decode with nvJPEG
 (``mixed``) and augment with GPU ops on CUDA, or with CPU ops and ``device_id=None`` without it
-(`pipeline.dali_ops`).
+(`pipeline.data.dali_graph`).
 
 Epochs: each pass runs a pipeline built for ``(seed, epoch)``: the shard order (train) and the
 seeds of the shuffle buffer and of every random op derive from it, so a resumed run sees the same
@@ -19,20 +19,20 @@ import importlib
 import logging
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from pipeline.augment import AugConfig
-from pipeline.data import VERIFY_HINT, DataError, resolve_shards
-from pipeline.loaders import Batch, rank_share, steps_per_epoch
+from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
 
 logger = logging.getLogger(__name__)
 
 # Cap of the shuffle buffer (encoded samples held in memory per rank); packed shards are already
 # interleaved across classes, and the shard order is shuffled per epoch on top of it.
 MAX_SHUFFLE_BUFFER = 4096
+
 # DALI operators whose errors mean bad data (a truncated tar, a stale index, an undecodable image).
 DATA_OPS = ("readers.webdataset", "decoders.image", "peek_image_shape", "get_property")
 
@@ -40,18 +40,13 @@ DATA_OPS = ("readers.webdataset", "decoders.image", "peek_image_shape", "get_pro
 def _dali_ops():
     """Import the DALI graph module, or say how to run without DALI."""
     try:
-        dali_ops = importlib.import_module("pipeline.dali_ops")
+        dali_ops = importlib.import_module("pipeline.data.dali_graph")
     except ImportError as e:
         raise ValueError(
             f"--backend dali: NVIDIA DALI cannot be imported ({e}); install nvidia-dali-cuda120 "
             "or use --backend torch"
         ) from e
     return dali_ops
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed derived from integers such as ``(seed, epoch)`` (DALI seeds are signed 32-bit)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def check_index(shard: str, index: str, expected: Optional[int]) -> None:
@@ -96,59 +91,42 @@ def parse_source_info(row: np.ndarray) -> tuple:
 
 
 class DaliLoader:
-    """Batches of one split from DALI; see `pipeline.loaders` for the contract.
+    """Batches of one split from DALI; see `pipeline.data.loader` for the contract.
 
     ``seed`` must be the same on every rank: the shard order of an epoch derives from it, and the
     ranks' parts of the split are disjoint only when they agree on that order.
     """
 
-    def __init__(
-        self, data: Union[str, Path], split: str, *, device: torch.device, batch_size: int, image_size: int,
-        train: bool, aug: AugConfig, rank: int, world_size: int, seed: int, num_workers: int,
-    ) -> None:
-        self.shardset = resolve_shards(data, split, need_index=True)
-        sizes = self.shardset.shard_sizes or [None] * len(self.shardset.shards)
+    def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+        self.spec, self.shardset = spec, shardset
+        sizes = shardset.shard_sizes or [None] * len(shardset.shards)
         try:
-            for shard, index, expected in zip(self.shardset.shards, self.shardset.indexes, sizes):
+            for shard, index, expected in zip(shardset.shards, shardset.indexes, sizes):
                 check_index(shard, index, expected)
         except DataError as e:
             raise DataError(f"{e}; " + self._hint()) from None
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.train = train
-        self.aug = aug
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.num_threads = max(1, num_workers)
+        self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
+        self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
+        self.num_threads = max(1, spec.num_workers)
+        self.device = spec.device
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
+                raise ValueError(f"--device {self.device}: CUDA is not available here; use --device cpu")
             self.device_id: Optional[int] = self.device.index if self.device.index is not None else torch.cuda.current_device()
             self.device = torch.device("cuda", self.device_id)
         elif self.device.type == "cpu":
             self.device_id = None
         else:
-            raise ValueError(f"--device {device}: the DALI backend runs on cpu or cuda only")
+            raise ValueError(f"--device {self.device}: the DALI backend runs on cpu or cuda only")
         self._ops = _dali_ops()
         self._epoch = 0
         self._pipe = None
         self._pipe_epoch: Optional[int] = None
         self._pipe = self._build(self._epoch)  # validates the shards now and gives the split size
-        total = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
-        self.split_samples = total
-        self._steps = steps_per_epoch(total, world_size, batch_size, train=train)
-        if train:
-            if self._steps == 0:
-                raise ValueError(
-                    f"--batch-size {batch_size}: the {split!r} split of {data} has {total} samples, "
-                    f"{total // world_size} on the smallest of {world_size} rank(s): not one full batch; "
-                    "lower --batch-size"
-                )
-            self.num_samples = self._steps * batch_size
-        else:
-            self.num_samples = rank_share(total, rank, world_size)
+        self.split_samples = int(self._pipe.reader_meta(self._ops.READER_NAME)["epoch_size"])
+        self._steps = check_split_size(spec, self.split_samples)
+        self.num_samples = (self._steps * self.batch_size if self.train
+                            else rank_share(self.split_samples, self.rank, self.world_size))
 
     # -- epochs -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

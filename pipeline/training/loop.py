@@ -12,12 +12,21 @@ import torch
 
 from model import count_params, create_model
 from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
-from pipeline.data import DataError, resolve_shards
-from pipeline.loaders import build_loader, resolve_backend
-from pipeline.metrics import format_metrics, plot_history, to_jsonable
-from pipeline.train_utils import (
-    Progress, RunError, build_optimizer, build_scheduler, check_run_dir, evaluate, latest_state,
-    load_training_state, save_training_state, selection_score, train_epoch, write_metrics_csv,
+from pipeline.data.contract import LoaderSpec
+from pipeline.data.loader import build_loader
+from pipeline.data.shards import DataError
+from pipeline.scoring.metrics import format_metrics, plot_history, to_jsonable
+from pipeline.training.epoch import evaluate, train_epoch
+from pipeline.training.optim import build_optimizer, build_scheduler
+from pipeline.training.rundir import (
+    Progress,
+    RunError,
+    check_run_dir,
+    latest_state,
+    load_training_state,
+    save_training_state,
+    selection_score,
+    write_metrics_csv,
 )
 from shard_tools.fsutil import atomic_write_json
 
@@ -32,19 +41,12 @@ class _Setup:
         world = accelerator.num_processes
         # Every rank checks before the main process writes anything, so all agree on the outcome.
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
-        train_set = resolve_shards(cfg.data, "train")
-        val_set = resolve_shards(cfg.data, "val")
-        if train_set.num_samples is not None and train_set.num_samples // world < cfg.batch_size:
-            raise RunError(
-                f"--batch-size {cfg.batch_size}: larger than each process's share of the train split "
-                f"({train_set.num_samples} samples / {world} processes = {train_set.num_samples // world}); lower it"
-            )
-        self.backend = resolve_backend(cfg.backend, accelerator.device)
-        common = dict(backend=self.backend, device=accelerator.device, batch_size=cfg.batch_size,
-                      image_size=cfg.image_size, rank=accelerator.process_index, world_size=world,
-                      seed=cfg.seed, num_workers=cfg.workers)
-        self.train_loader = build_loader(cfg.data, "train", train=True, aug=cfg.aug, **common)
-        self.val_loader = build_loader(cfg.data, "val", train=False, aug="none", **common)
+        spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
+                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug,
+                          rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers)
+        self.train_loader = build_loader(spec)
+        self.val_loader = build_loader(spec.replace(split="val", train=False, aug="none"))
+        self.backend = spec.backend
         steps = len(self.train_loader)
         if cfg.max_steps:
             steps = min(steps, cfg.max_steps)
@@ -53,7 +55,7 @@ class _Setup:
             raise RunError(f"--grad-accum {cfg.grad_accum}: more than the {len(self.train_loader)} batches per epoch "
                            f"of each process; lower it or --batch-size")
         self.steps = steps
-        self.n_train, self.n_val = train_set.num_samples, val_set.num_samples
+        self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
 
 
 def run(cfg) -> int:

@@ -1,24 +1,24 @@
 """Per-sample uint8 processing of decoded images with OpenCV, for the torch backend's workers.
 
-`pipeline.torch_aug` augments a whole batch on the device, in float. That is the right place on a GPU;
+`pipeline.augment.params` augments a whole batch on the device, in float. That is the right place on a GPU;
 on a CPU the same cores do the work wherever it runs, and float work on a 224 px batch costs about
 as much as decoding it (``grid_sample`` of the batch, ``uint8 -> float``, normalising). So on the CPU
 the torch backend's workers finish each image here, in uint8 and with one resampling per image:
 
 * decode (`decode`, libjpeg-turbo via OpenCV, RGB, EXIF orientation ignored as torchvision and DALI do);
 * the eval resize to ``image_size`` (`resize_into`: bilinear with antialias, bit-identical to
-  `pipeline.augment.resize_uint8`);
+  `pipeline.augment.batch_ops.resize_uint8`);
 * a sample the geometric block applies to: one ``cv2.warpAffine`` (bilinear, zero fill) of flips,
-  rotation, shear and zoom composed into one matrix, the map `pipeline.torch_aug.warp` applies;
+  rotation, shear and zoom composed into one matrix, the map `pipeline.augment.batch_ops.warp` applies;
   then brightness (rounded to uint8);
-* then Gaussian blur and JPEG re-compression, per sample, as in `pipeline.torch_aug`.
+* then Gaussian blur and JPEG re-compression, per sample, as in `pipeline.augment.params`.
 
 Resize first, then warp (as torchvision's ``Resize`` then ``RandomAffine``), in every backend: a
 warp straight from a large decoded image to a small output would alias (bilinear sampling has no
 antialias), and the augmented half of the samples would then differ from the other half in more
 than the augmentation.
 
-The parameters are the same `pipeline.torch_aug.AugParams` the batch version uses, drawn by the same
+The parameters are the same `pipeline.augment.params.AugParams` the batch version uses, drawn by the same
 `draw_params`. What is left for the main process is `normalize_hwc`: one table lookup per byte
 (``cv2.LUT``, uint8 -> float32 normalised) instead of a float conversion plus two passes.
 """
@@ -33,12 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import MEAN, STD
-from pipeline.torch_aug import AugParams, inverse_affine
+from pipeline.augment.config import MEAN, STD
+from pipeline.augment.params import AugParams, inverse_affine
 
 # Ignore EXIF orientation, as torchvision's decode_image and DALI's decoders do (the packer stores
 # rotated inputs upright); always 3-channel RGB (grey replicated, alpha dropped).
 _DECODE_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
 _WARP_FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
 
 
@@ -61,7 +62,7 @@ def decode(data: bytes) -> Optional[np.ndarray]:
 
 def resize_into(images: List[np.ndarray], out: np.ndarray) -> None:
     """Resize each uint8 HWC image of ``images`` into ``out[i]`` ([N, S, S, 3] uint8): bilinear with
-    antialias, bit-identical to `pipeline.augment.resize_uint8` (torchvision ``resize``).
+    antialias, bit-identical to `pipeline.augment.batch_ops.resize_uint8` (torchvision ``resize``).
 
     torch's uint8 antialiased kernel on channels-last views, one call per group of equal-sized
     images: the kernel computes its filter weights once per call, which costs more than the
@@ -97,7 +98,7 @@ def _resize_out(src: torch.Tensor, dst: torch.Tensor) -> bool:
 def warp_matrices(inv: np.ndarray, image_size: int) -> np.ndarray:
     """[N, 2, 3] output->input pixel maps for ``cv2.warpAffine(..., WARP_INVERSE_MAP)`` at ``image_size``.
 
-    ``inv`` is [N, 2, 2] (`pipeline.torch_aug.inverse_affine`): input = ``c + inv @ (p - c)`` in pixel
+    ``inv`` is [N, 2, 2] (`pipeline.augment.params.inverse_affine`): input = ``c + inv @ (p - c)`` in pixel
     coordinates about the centre ``c`` (pixel centres at +0.5, as ``grid_sample`` with
     ``align_corners=False``; OpenCV's pixel centres are the integers, hence ``c = size / 2 - 0.5``).
     """
@@ -106,7 +107,7 @@ def warp_matrices(inv: np.ndarray, image_size: int) -> np.ndarray:
 
 
 def gaussian_blur_(image: np.ndarray, sigma: float) -> None:
-    """Blur uint8 HWC ``image`` in place: 3-sigma window, reflect borders (as `pipeline.torch_aug`)."""
+    """Blur uint8 HWC ``image`` in place: 3-sigma window, reflect borders (as `pipeline.augment.params`)."""
     h, w = image.shape[:2]
     radius = max(1, min(int(math.ceil(3.0 * sigma)), h - 1, w - 1))
     cv2.GaussianBlur(image, (2 * radius + 1, 2 * radius + 1), max(float(sigma), 1e-3), dst=image,

@@ -1,7 +1,7 @@
 """One augmentation spec for every backend.
 
-`AugConfig` says *what* to draw per sample; `pipeline.torch_aug` (torchvision backend, on the batch,
-on the device) and `pipeline.loader_dali` (DALI ops) say *how*. Geometric ops (flips, rotation,
+`AugConfig` says *what* to draw per sample; `pipeline.augment.params` (torchvision backend, on the batch,
+on the device) and `pipeline.data.dali_backend` (DALI ops) say *how*. Geometric ops (flips, rotation,
 shear, scale and the resize to ``image_size``) are composed into one affine warp per sample.
 Every random parameter is drawn per sample, never once per batch.
 """
@@ -11,10 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Tuple
 
-import torch
-
 # Normalisation applied by every loader after augmentation (ImageNet statistics, RGB, on 0..1).
 MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
+
 STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 PRESETS = ("none", "seed", "robust")
@@ -110,34 +109,3 @@ class AugConfig:
         else:
             raise ValueError(f"unknown augmentation preset {name!r}: choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(base, **overrides) if overrides else base
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (0..255) NCHW RGB -> float32 normalised with MEAN/STD, on the input's device."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"normalize expects a uint8 batch, got {images.dtype}")
-    return normalize_(images.float())
-
-
-def normalize_(x: torch.Tensor) -> torch.Tensor:
-    """In place on float 0..255 NCHW: ``(x / 255 - MEAN) / STD`` as one multiply and one add.
-
-    Two in-place ops instead of four allocating ones: about 3x faster on a CPU, where this is
-    a visible share of a loader's cost.
-    """
-    std = torch.tensor(STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x.mul_(1.0 / (255.0 * std)).add_(-mean / std)
-
-
-def resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
-    """The eval resize, shared by every path that bypasses the loaders (folders, predict).
-
-    ``image`` is uint8 CHW (or NCHW); returns uint8 of ``size x size``, bilinear with antialias,
-    aspect ratio not kept (face crops are square), as torchvision/DALI resize do.
-    """
-    from torchvision.transforms.v2 import functional as F
-
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.resize(image, [size, size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)

@@ -1,0 +1,29 @@
+"""The benchmark's rows: one table from a row kind to the function that measures it.
+
+Each row function takes ``(params: dict, monitor: TreeMonitor)`` and returns a list of result rows;
+`pipeline.benchmark.runner` runs each in a fresh process. Modules are imported only when their row
+runs (a DALI-less or model-less row never imports those libraries).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+# kind -> (module under pipeline.benchmark.rows, function)
+ROWS = {
+    "read": ("decode", "row_read"),
+    "decode": ("decode", "row_decode"),
+    "decode_files": ("decode", "row_decode_files"),
+    "original": ("baselines", "row_original"),
+    "wds": ("baselines", "row_wds"),
+    "loader": ("loaders", "row_loader"),
+    "epochs": ("loaders", "row_epochs"),
+    "stall": ("model", "row_stall"),
+    "pack": ("pack", "row_pack"),
+}
+
+
+def get_row_fn(kind: str) -> Callable:
+    """The function that measures row ``kind``; KeyError for an unknown kind."""
+    module, name = ROWS[kind]
+    return getattr(importlib.import_module(f"pipeline.benchmark.rows.{module}"), name)

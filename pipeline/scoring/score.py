@@ -1,0 +1,160 @@
+"""Score a model on a split's shards (through `build_loader`) or on files and folders (through
+`pipeline.data.folders`), and per-folder metrics and the scores CSV of evaluate."""
+from __future__ import annotations
+
+import csv
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from pipeline.augment.batch_ops import normalize
+from pipeline.data.contract import LoaderSpec, drop_repeats
+from pipeline.data.folders import Degrade, ImageItems, Item, _collate, collect, shard_items
+from pipeline.data.loader import build_loader
+from pipeline.data.shards import DataError
+from pipeline.scoring.metrics import SingleClassWarning, binary_metrics
+from shard_tools.format import is_remote
+from shard_tools.fsutil import atomic_open
+
+logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def score_items(
+    model: torch.nn.Module,
+    items: Sequence[Item],
+    *,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    degrade: Optional[Degrade] = None,
+    progress: bool = True,
+    desc: str = "score",
+) -> Tuple[np.ndarray, Dict[int, str]]:
+    """P(fake) for each item (NaN where it failed) and ``{item index: "reason: detail"}`` for failures."""
+    device = torch.device(device)
+    model.eval()
+    scores = np.full(len(items), np.nan, dtype=np.float64)
+    errors: Dict[int, str] = {}
+    if not items:
+        return scores, errors
+    loader = DataLoader(
+        ImageItems(items, image_size, degrade), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2, leave=False)
+    for idx, images, errs in bar:
+        errors.update(errs)
+        if images is None:
+            continue
+        x = normalize(images.to(device, non_blocking=True))
+        logits = model(x).reshape(len(idx), -1)[:, 0]
+        scores[idx] = torch.sigmoid(logits.float()).cpu().numpy()
+    return scores, errors
+
+
+@dataclass
+class Scores:
+    """One row per scored image: ``ids`` (path or shard key), original ``sources``, input ``groups``."""
+
+    ids: List[str]
+    sources: List[str]
+    groups: List[str]
+    labels: np.ndarray
+    scores: np.ndarray
+
+
+@torch.inference_mode()
+def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool = False,
+                 progress: bool = True) -> Tuple[Scores, List[Item]]:
+    """Score every sample of ``spec.split`` once through `build_loader` (eval mode).
+
+    Returns the scores (sources from the shards' json) and one `Item` per shard sample (for the
+    robustness sweep, which reads images by offset; empty for remote shards, which ``need_items``
+    makes an error before any scoring). A split whose distinct ids differ from its sample count is
+    a `DataError` (the shards do not hold what the manifest says).
+    """
+    loader = build_loader(spec)
+    local = not any(is_remote(shard) for shard in loader.shardset.shards)
+    if need_items and not local:
+        raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
+                         "shards; copy them to a local folder first")
+    items = shard_items(loader.shardset.shards) if local else []
+    model.eval()
+    ids: List[str] = []
+    labels: List[float] = []
+    scores: List[float] = []
+    for batch in tqdm(loader, desc=f"evaluate {spec.split}", unit="batch", disable=not progress, leave=False):
+        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
+        ids.extend(batch.ids)
+        labels.extend(batch.labels.cpu().tolist())
+        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
+    ids, labels, scores = drop_repeats(ids, labels, scores)
+    if len(ids) != loader.split_samples:
+        raise DataError(f"{spec.data} {spec.split}: scored {len(ids)} distinct samples, but the split has "
+                        f"{loader.split_samples}; run `deepfake-inspect {spec.data} --verify`")
+    sources = {it.path: (it.source, it.group) for it in items}
+    return (Scores(ids, [sources.get(k, ("", ""))[0] for k in ids], [sources.get(k, ("", ""))[1] for k in ids],
+                   np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)), items)
+
+
+def score_folders(
+    model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int,
+    device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
+) -> tuple[Scores, List[Item], List[dict]]:
+    """Score files under ``real`` and ``fake``; returns (scores, the items that scored, skip records)."""
+    real_items, skipped = collect(real, label=0)
+    fake_items, more = collect(fake, label=1)
+    items, skipped = real_items + fake_items, skipped + more
+    values, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
+                                 num_workers=num_workers, progress=progress, desc="evaluate")
+    for i, err in sorted(errors.items()):
+        reason, _, detail = err.partition(": ")
+        skipped.append({"path": items[i].path, "label": ("real", "fake")[items[i].label], "reason": reason,
+                        "detail": detail})
+    ok = [i for i in range(len(items)) if i not in errors]
+    kept = [items[i] for i in ok]
+    scores = Scores([it.path for it in kept], [it.path for it in kept], [it.group for it in kept],
+                    np.asarray([it.label for it in kept], dtype=np.int64), values[ok])
+    return scores, kept, skipped
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingleClassWarning)
+        return binary_metrics(labels, scores, threshold=threshold)
+
+
+def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
+    """Each input folder: its accuracy and mean score, and its AUC/AP against every image of the other class."""
+    out = []
+    for group in dict.fromkeys(s.groups):
+        mask = np.asarray([g == group for g in s.groups])
+        label = int(s.labels[mask][0])
+        pair = mask | (s.labels != label)
+        m = _metrics(s.labels[pair], s.scores[pair], threshold)
+        correct = (s.scores[mask] >= threshold).astype(np.int64) == label
+        at_eer = (s.scores[mask] >= eer_threshold).astype(np.int64) == label
+        out.append({
+            "folder": group, "label": ("real", "fake")[label], "n": int(mask.sum()),
+            "accuracy": float(correct.mean()), "accuracy_at_eer": float(at_eer.mean()) if np.isfinite(eer_threshold) else None,
+            "mean_score": float(s.scores[mask].mean()),
+            "roc_auc_vs_other_class": m["roc_auc"], "average_precision_vs_other_class": m["average_precision"],
+        })
+    return out
+
+
+def write_scores_csv(path: Path, s: Scores) -> None:
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id", "source", "group", "label", "score"])
+        for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
+            w.writerow([*row[:3], ("real", "fake")[row[3]], f"{row[4]:.6f}"])

@@ -1,0 +1,98 @@
+"""TrainConfig: every training setting, validated on construction (errors name the flag); recipes of defaults."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from model import MIN_IMAGE_SIZE, list_models
+from pipeline.augment.config import PRESETS
+from pipeline.data.contract import BACKEND_CHOICES
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+
+LOSSES = ("bce", "mse")
+
+SCHEDULES = ("cosine", "constant")
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+# The original project's settings (Adam 1e-5, MSE, batch 32, 224 px, its augmentation, no schedule).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "seed": dict(optimizer="adam", lr=1e-5, weight_decay=0.0, loss="mse", batch_size=32, image_size=224,
+                 aug="seed", schedule="constant", warmup_epochs=0.0, clip_grad=0.0),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training setting; validated on construction (errors name the flag). Saved as config.json."""
+
+    data: str
+    out: str
+    model: str = "deepfakenet_base"
+    image_size: int = 224
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    clip_grad: float = 1.0
+    loss: str = "bce"
+    aug: str = "seed"
+    backend: str = "auto"
+    workers: int = 2
+    grad_accum: int = 1
+    seed: int = 0
+    max_steps: int = 0
+    recipe: Optional[str] = None
+    cpu: bool = False
+    mixed_precision: Optional[str] = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        def choice(flag: str, value: Any, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"--{flag} {value!r}: choose one of {', '.join(map(str, allowed))}")
+
+        def at_least(flag: str, value: float, low: float) -> None:
+            if not (value >= low):  # also rejects NaN
+                raise ValueError(f"--{flag} {value}: must be >= {low}")
+
+        choice("model", self.model, list_models())
+        choice("optimizer", self.optimizer, OPTIMIZERS)
+        choice("loss", self.loss, LOSSES)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("aug", self.aug, PRESETS)
+        choice("backend", self.backend, BACKEND_CHOICES)
+        if self.recipe is not None:
+            choice("recipe", self.recipe, tuple(RECIPES))
+        if self.mixed_precision is not None:
+            choice("mixed-precision", self.mixed_precision, PRECISIONS)
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"--image-size {self.image_size}: {self.model} needs at least {MIN_IMAGE_SIZE} px "
+                             f"(it downsamples by 32)")
+        for flag, value in (("epochs", self.epochs), ("batch-size", self.batch_size), ("grad-accum", self.grad_accum)):
+            at_least(flag, value, 1)
+        for flag, value in (("workers", self.workers), ("max-steps", self.max_steps), ("weight-decay", self.weight_decay),
+                            ("warmup-epochs", self.warmup_epochs), ("clip-grad", self.clip_grad)):
+            at_least(flag, value, 0)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr {self.lr}: must be a positive number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
+        if 0 < self.max_steps < self.grad_accum:
+            raise ValueError(f"--max-steps {self.max_steps}: must be >= --grad-accum {self.grad_accum}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,147 @@
+"""Pieces of `pipeline.train`: optimisation recipe, one training epoch, evaluation across ranks, run dir.
+
+Everything here takes its inputs explicitly (accelerator, model, loader, config); the run-dir
+helpers write every file atomically and only on the main process.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from pipeline.scoring.metrics import to_jsonable
+from shard_tools.fsutil import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "val_ap", "val_eer",
+                  "img_s", "data_wait_s", "compute_s", "lr")
+
+STATE_DIR = "state"
+
+PROGRESS = "progress.json"
+
+# Fault injection for the resume test: "EPOCH:STEP" SIGKILLs the process after that training step.
+KILL_ENV = "DEEPFAKE_TRAIN_KILL_AT"
+
+
+class RunError(ValueError):
+    """A run directory / setting problem the user must fix; the message names the flag or file."""
+
+
+def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings a resumed run must share with the saved one: all but ``resume`` and ``out``
+    (the same folder by definition), with a local ``data`` path compared by its resolved path."""
+    out = {k: v for k, v in config.items() if k not in ("resume", "out")}
+    data = out.get("data")
+    if isinstance(data, str) and Path(data).exists():
+        out["data"] = str(Path(data).resolve())
+    return out
+
+
+def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None:
+    """Refuse to overwrite a run without ``--resume``, or to resume one made with other settings."""
+    cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, expected a run directory")
+    if not cfg_path.exists():
+        if out.exists() and any(out.iterdir()) and not resume:
+            raise RunError(f"--out {out}: folder exists and is not empty (no config.json); choose another --out")
+        return
+    if not resume:
+        finished = (out / "summary.json").exists()
+        what = "a finished run" if finished else "an unfinished run (pass --resume to continue it)"
+        raise RunError(f"--out {out}: already holds {what}; choose another --out")
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{cfg_path}: cannot read it ({e}); cannot --resume this run") from None
+    now, before = comparable(json.loads(json.dumps(config))), comparable(saved)
+    diffs = [f"--{k.replace('_', '-')} {before.get(k)!r} (saved) vs {now.get(k)!r} (now)"
+             for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+    if diffs:
+        raise RunError(f"--resume: {cfg_path} was written with other settings: {'; '.join(diffs)}")
+
+
+def latest_state(out: Path) -> Optional[Path]:
+    """The newest complete ``state/epoch_NNNN`` folder (a complete one has progress.json), or None."""
+    root = out / STATE_DIR
+    done = sorted(p for p in root.glob("epoch_*") if (p / PROGRESS).exists()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def save_training_state(accelerator, out: Path, epoch: int, progress: Mapping[str, Any]) -> Path:
+    """``accelerator.save_state`` into a temp folder, then rename: a SIGKILL never leaves a half state."""
+    root = out / STATE_DIR
+    final = root / f"epoch_{epoch:04d}"
+    tmp = root / f".tmp-epoch_{epoch:04d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(tmp / PROGRESS, to_jsonable(dict(progress)))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in root.glob("epoch_*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        for old in root.glob(".tmp-*"):
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator, state: Path) -> Dict[str, Any]:
+    """``accelerator.load_state`` (model, optimizer, scheduler, RNG) and the saved progress."""
+    accelerator.load_state(str(state))
+    return json.loads((state / PROGRESS).read_text())
+
+
+def write_metrics_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+@dataclass
+class Progress:
+    """What a resumed run needs besides the accelerate state: finished epochs and their results."""
+
+    epoch: int = 0
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    best_score: float = -math.inf
+    best_metrics: Dict[str, Any] = field(default_factory=dict)
+    train_time_s: float = 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "best_epoch": self.best_epoch,
+                "best_score": self.best_score, "best_metrics": self.best_metrics, "train_time_s": self.train_time_s}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Progress":
+        score = d.get("best_score")
+        return cls(epoch=int(d["epoch"]), history=list(d.get("history", [])), best_epoch=d.get("best_epoch"),
+                   best_score=-math.inf if score is None else float(score),
+                   best_metrics=dict(d.get("best_metrics") or {}), train_time_s=float(d.get("train_time_s", 0.0)))
+
+
+def selection_score(val: Mapping[str, Any]) -> float:
+    """Best-epoch criterion: validation ROC AUC, or minus the loss when AUC is undefined (one class)."""
+    auc = val.get("roc_auc")
+    if auc is not None and not math.isnan(auc):
+        return float(auc)
+    return -float(val["loss"]) - 10.0
