@@ -179,12 +179,9 @@ def _machine(device: str) -> dict:
     return info
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def _settle_args(args: argparse.Namespace) -> Optional[str]:
+    """Fill the ``auto`` defaults in place; the one-line error for a bad combination, else None."""
     import torch
-
-    from pipeline.data.shards import DataError, resolve_shards
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,31 +190,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         from model import list_models
 
         if args.model not in list_models():
-            logger.error("--model %r: choose one of %s", args.model, ", ".join(list_models()))
-            return 2
+            return f"--model {args.model!r}: choose one of {', '.join(list_models())}"
     if args.model_threads == 0:
         args.model_threads = max(1, _cpus() - args.workers)
     if args.precision == "auto":
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if bool(args.images_real) != bool(args.images_fake):
-        logger.error("--images-real and --images-fake go together: give both folders or neither")
-        return 2
+        return "--images-real and --images-fake go together: give both folders or neither"
     for flag, folder in (("--images-real", args.images_real), ("--images-fake", args.images_fake)):
         if folder and not Path(folder).is_dir():
-            logger.error("%s %s: not a folder", flag, folder)
-            return 2
-    try:
-        shards = resolve_shards(args.data, args.split)
-    except DataError as e:
-        logger.error("%s", e)
-        return 2
-    base = {k: v for k, v in vars(args).items() if k not in ("rows", "backends", "json", "plot")}
-    logger.info("deepfake-bench: %d shard(s) of split %r, batch %d, %d px, %d workers, device %s",
-                len(shards.shards), args.split, args.batch_size, args.image_size, args.workers, args.device)
+            return f"{flag} {folder}: not a folder"
+    return None
 
+
+def _run_rows(args: argparse.Namespace, base: dict) -> List[dict]:
+    """Every planned row, each in a fresh process (`run_row`), in plan order."""
     rows: List[dict] = []
-    plan = plan_rows(args)
-    for spec in tqdm(plan, desc="bench rows", unit="row"):
+    for spec in tqdm(plan_rows(args), desc="bench rows", unit="row"):
         params = {**base, **spec.get("extra", {})}
         if spec["kind"] == "stall":
             loaders = [r for r in rows if r.get("group") == "loader" and r.get("train") and r.get("status") == "ok"]
@@ -236,8 +225,39 @@ def main(argv: Optional[List[str]] = None) -> int:
             logger.warning("row %s failed: %s%s", spec["names"][0], payload, f"\n{detail}" if detail else "")
         elif status == "skipped":
             logger.info("row %s skipped: %s", spec["names"][0], payload)
-    summary = add_ratios(rows)
+    return rows
 
+
+def _write_outputs(args: argparse.Namespace, report: dict) -> None:
+    if args.json:
+        atomic_write_json(args.json, report)
+        logger.info("wrote %s", args.json)
+    if args.plot:
+        title = (f"deepfake-bench: {args.device}, {report['machine']['cpus']} CPUs, batch {args.batch_size}, "
+                 f"{args.image_size} px, {args.workers} workers")
+        plot(report["rows"], Path(args.plot), title)
+        logger.info("wrote %s", args.plot)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pipeline.data.shards import DataError, resolve_shards
+
+    error = _settle_args(args)
+    if error:
+        logger.error("%s", error)
+        return 2
+    try:
+        shards = resolve_shards(args.data, args.split)
+    except DataError as e:
+        logger.error("%s", e)
+        return 2
+    base = {k: v for k, v in vars(args).items() if k not in ("rows", "backends", "json", "plot")}
+    logger.info("deepfake-bench: %d shard(s) of split %r, batch %d, %d px, %d workers, device %s",
+                len(shards.shards), args.split, args.batch_size, args.image_size, args.workers, args.device)
+    rows = _run_rows(args, base)
+    summary = add_ratios(rows)
     logger.info("\n%s", table(rows))
     for key, value in summary.items():
         logger.info("%s: %s", key, value)
@@ -249,14 +269,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "data": {"split": args.split, "shards": len(shards.shards), "num_samples": shards.num_samples},
         "rows": rows, "summary": summary,
     }
-    if args.json:
-        atomic_write_json(args.json, report)
-        logger.info("wrote %s", args.json)
-    if args.plot:
-        title = (f"deepfake-bench: {args.device}, {report['machine']['cpus']} CPUs, batch {args.batch_size}, "
-                 f"{args.image_size} px, {args.workers} workers")
-        plot(rows, Path(args.plot), title)
-        logger.info("wrote %s", args.plot)
+    _write_outputs(args, report)
     failed = [r["name"] for r in rows if r["status"] == "failed"]
     if failed:
         logger.error("%d row(s) failed: %s", len(failed), ", ".join(failed))

@@ -81,6 +81,42 @@ def _train_multiprocess(train_argv: List[str], processes: int) -> None:
         raise SystemExit(f"demo: stage 'train' failed with exit code {rc}")
 
 
+def _summary_rows(shards: Path, run: Path, ev: Path, bench_json: Path) -> List[tuple]:
+    """(name, value) rows of the demo's closing table, read back from what each stage wrote."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    m = json.loads((ev / "metrics.json").read_text())["metrics"]
+    rows = [
+        ("train samples", manifest["splits"]["train"]["num_samples"]),
+        ("val samples", manifest["splits"]["val"]["num_samples"]),
+        ("skipped files", len(manifest.get("skipped", []))),
+        ("duplicates dropped", sum(len(d["dropped"]) for d in manifest.get("duplicates", []))),
+        ("train processes", f"{summary['num_processes']} ({summary['distributed_type']})"),
+        ("train img/s (mean over epochs)", f"{summary['mean_img_s']:.0f}"),
+        ("val ROC AUC", f"{m['roc_auc']:.3f}"),
+        ("val accuracy @0.5", f"{m['accuracy']:.3f}"),
+        ("val EER", f"{m['eer']:.3f}"),
+    ]
+    if bench_json.exists():
+        b = json.loads(bench_json.read_text())["summary"]
+        if b.get("best_train_loader"):
+            rows.append(("bench: best train loader", f"{b['best_train_loader']}: {b['best_train_loader_img_s']:.0f} img/s "
+                         f"({b['best_vs_decode']:.2f}x the decode-only limit)"))
+    return rows
+
+
+def _inputs(args: argparse.Namespace, out: Path, times: dict) -> tuple:
+    """The real and fake input folders: the user's, or synthetic sample data made under ``out``."""
+    if args.real is not None:
+        return args.real, args.fake
+    from pipeline.data.synthetic import make_sample_data
+
+    t0 = time.perf_counter()
+    real_dir, fake_dir = make_sample_data(out / "data", args.n_per_class, args.sample_size, args.seed)
+    times["sample data"] = time.perf_counter() - t0
+    return [str(real_dir)], [str(fake_dir)]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -97,15 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t_start = time.perf_counter()
-    if args.real is None:
-        from pipeline.data.synthetic import make_sample_data
-
-        t0 = time.perf_counter()
-        real_dir, fake_dir = make_sample_data(out / "data", args.n_per_class, args.sample_size, args.seed)
-        times["sample data"] = time.perf_counter() - t0
-        real, fake = [str(real_dir)], [str(fake_dir)]
-    else:
-        real, fake = args.real, args.fake
+    real, fake = _inputs(args, out, times)
 
     shards, run, ev = out / "shards", out / "run", out / "eval"
     for d in (shards, run, ev):  # the demo always starts its stages fresh
@@ -137,26 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "--image-size", str(args.image_size), "--warmup", "2", "--batches", "8", "--repeats", "1",
             "--workers", "2", "--rows", "read,decode,loaders", "--device", "cpu", "--json", str(bench_json), "--plot", str(bench_png)])
 
-    manifest = json.loads((shards / "manifest.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    metrics = json.loads((ev / "metrics.json").read_text())
-    m = metrics["metrics"]
-    rows = [
-        ("train samples", manifest["splits"]["train"]["num_samples"]),
-        ("val samples", manifest["splits"]["val"]["num_samples"]),
-        ("skipped files", len(manifest.get("skipped", []))),
-        ("duplicates dropped", sum(len(d["dropped"]) for d in manifest.get("duplicates", []))),
-        ("train processes", f"{summary['num_processes']} ({summary['distributed_type']})"),
-        ("train img/s (mean over epochs)", f"{summary['mean_img_s']:.0f}"),
-        ("val ROC AUC", f"{m['roc_auc']:.3f}"),
-        ("val accuracy @0.5", f"{m['accuracy']:.3f}"),
-        ("val EER", f"{m['eer']:.3f}"),
-    ]
-    if bench_json.exists():
-        b = json.loads(bench_json.read_text())["summary"]
-        if b.get("best_train_loader"):
-            rows.append(("bench: best train loader", f"{b['best_train_loader']}: {b['best_train_loader_img_s']:.0f} img/s "
-                         f"({b['best_vs_decode']:.2f}x the decode-only limit)"))
+    rows = _summary_rows(shards, run, ev, bench_json)
     rows += [(f"time: {k}", f"{v:.1f} s") for k, v in times.items()]
     rows.append(("time: total", f"{time.perf_counter() - t_start:.1f} s"))
     width = max(len(k) for k, _ in rows)

@@ -93,8 +93,8 @@ def test_plots_are_written(tmp_path):
         plot_pr({"model": (y, s)}, tmp_path / "pr.png"),
         plot_score_hist(y, s, tmp_path / "hist.png", threshold=0.5),
         plot_confusion(binary_metrics(y, s)["confusion_matrix"], tmp_path / "cm.png"),
-        plot_history([{"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_acc": 0.6, "val_auc": 0.7},
-                      {"epoch": 2, "train_loss": 0.5, "val_loss": 0.5, "val_acc": 0.7, "val_auc": 0.8}],
+        plot_history([{"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "val_accuracy": 0.6, "val_roc_auc": 0.7},
+                      {"epoch": 2, "train_loss": 0.5, "val_loss": 0.5, "val_accuracy": 0.7, "val_roc_auc": 0.8}],
                      tmp_path / "curves.png"),
     ]
     for p in paths:

@@ -126,8 +126,8 @@ def test_single_process_run_writes_every_output(packed, tmp_path, caplog):
     again = _rescore(run, packed, "last.safetensors")
     assert sorted(again["ids"]) == sorted(set(again["ids"])) and len(again["ids"]) == val["num_samples"]
     m = binary_metrics(again["labels"], again["scores"])
-    assert m["roc_auc"] == pytest.approx(float(rows[-1]["val_auc"]), abs=1e-6)
-    assert m["accuracy"] == pytest.approx(float(rows[-1]["val_acc"]), abs=1e-6)
+    assert m["roc_auc"] == pytest.approx(float(rows[-1]["val_roc_auc"]), abs=1e-6)
+    assert m["accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
     _, best_meta = load_checkpoint(run)  # a run dir resolves to best.safetensors
     assert best_meta["epoch"] == summary["best_epoch"]
 
@@ -229,11 +229,11 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(packed, tmp_path, cap
     a, b = _rows(straight), _rows(killed)
     assert [r["epoch"] for r in b] == ["1", "2"]
     for ra, rb in zip(a, b):
-        for k in ("train_loss", "val_loss", "val_acc", "val_auc", "val_ap", "val_eer", "lr"):
+        for k in ("train_loss", "val_loss", "val_accuracy", "val_roc_auc", "val_average_precision", "val_eer", "lr"):
             assert float(rb[k]) == pytest.approx(float(ra[k]), rel=1e-5, abs=1e-6), (k, ra, rb)
     sa, sb = (json.loads((r / "summary.json").read_text()) for r in (straight, killed))
     assert sb["best_epoch"] == sa["best_epoch"]
-    assert sb["final"]["val_auc"] == pytest.approx(sa["final"]["val_auc"], abs=1e-6)
+    assert sb["final"]["val_roc_auc"] == pytest.approx(sa["final"]["val_roc_auc"], abs=1e-6)
 
 
 def test_two_cpu_processes_under_accelerate_launch(packed, tmp_path):

@@ -119,7 +119,19 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def format_metrics(m: Mapping[str, Any], keys: Sequence[str] = ("accuracy", "roc_auc", "average_precision", "eer")) -> str:
+# The metric names, one scheme everywhere: `binary_metrics` keys; an epoch row (metrics.csv,
+# summary.json) prefixes them with the split (``val_roc_auc``); TensorBoard tags put a slash there
+# (``val/roc_auc``, see `tb_tag`).
+HEADLINE = ("accuracy", "roc_auc", "average_precision", "eer")
+
+
+def tb_tag(key: str) -> str:
+    """TensorBoard tag of an epoch-row key: ``val_roc_auc`` -> ``val/roc_auc``, ``img_s`` -> ``perf/img_s``."""
+    split, _, rest = key.partition("_")
+    return f"{split}/{rest}" if split in ("train", "val") and rest else f"perf/{key}"
+
+
+def format_metrics(m: Mapping[str, Any], keys: Sequence[str] = HEADLINE) -> str:
     """One line such as ``accuracy=0.912 roc_auc=0.968 ...`` for logs."""
     return " ".join(f"{k}={m[k]:.4f}" if isinstance(m.get(k), float) else f"{k}={m.get(k)}" for k in keys)
 
@@ -211,7 +223,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], path: Union[str, Path], *, t
 
 def plot_history(rows: Sequence[Mapping[str, Any]], path: Union[str, Path], *, title: str = "Training") -> Path:
     """Loss, accuracy and ROC AUC per epoch from metrics.csv-style rows (``epoch``, ``train_loss``,
-    ``val_loss``, ``val_acc``, ``val_auc``); written atomically."""
+    ``val_loss``, ``val_accuracy``, ``val_roc_auc``); written atomically."""
     fig = _figure((11.0, 3.4))
     axes = fig.subplots(1, 3)
 
@@ -223,9 +235,9 @@ def plot_history(rows: Sequence[Mapping[str, Any]], path: Union[str, Path], *, t
     axes[0].plot(ep, col("val_loss"), "o-", label="val")
     axes[0].set(title="loss", xlabel="epoch")
     axes[0].legend(fontsize=8)
-    axes[1].plot(ep, col("val_acc"), "o-", color="tab:green")
+    axes[1].plot(ep, col("val_accuracy"), "o-", color="tab:green")
     axes[1].set(title="val accuracy", xlabel="epoch")
-    axes[2].plot(ep, col("val_auc"), "o-", color="tab:purple")
+    axes[2].plot(ep, col("val_roc_auc"), "o-", color="tab:purple")
     axes[2].set(title="val ROC AUC", xlabel="epoch")
     fig.suptitle(title)
     atomic_savefig(fig, path, dpi=110)

@@ -15,10 +15,11 @@ from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError
-from pipeline.scoring.metrics import format_metrics, plot_history, to_jsonable
+from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
 from pipeline.training.epoch import evaluate, train_epoch
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.rundir import (
+    METRIC_COLUMNS,
     Progress,
     RunError,
     check_run_dir,
@@ -82,11 +83,10 @@ def run(cfg) -> int:
         accelerator.end_training()
 
 
-def _train(cfg, accelerator, setup: _Setup) -> int:
+def _prepare(cfg, accelerator, setup: _Setup):
+    """Model, optimizer and schedule, prepared by accelerate; the progress of a resumed run."""
     from accelerate.utils import set_seed
 
-    out = Path(cfg.out)
-    main_proc = accelerator.is_main_process
     set_seed(cfg.seed)
     model = create_model(cfg.model)
     if accelerator.device.type == "cuda":
@@ -96,7 +96,7 @@ def _train(cfg, accelerator, setup: _Setup) -> int:
     scheduler = build_scheduler(optimizer, schedule=cfg.schedule, total_steps=cfg.epochs * opt_steps,
                                 warmup_steps=round(cfg.warmup_epochs * opt_steps), min_lr_ratio=cfg.min_lr_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
+    out = Path(cfg.out)
     progress = Progress()
     state = latest_state(out) if cfg.resume else None
     if state is not None:
@@ -104,13 +104,19 @@ def _train(cfg, accelerator, setup: _Setup) -> int:
         logger.info("resuming %s after epoch %d (state %s)", out, progress.epoch, state)
     elif cfg.resume:
         logger.info("--resume: %s has no saved state; starting from epoch 1", out)
+    return model, optimizer, scheduler, progress
+
+
+def _train(cfg, accelerator, setup: _Setup) -> int:
+    out = Path(cfg.out)
+    main_proc = accelerator.is_main_process
+    model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
     if main_proc:
         atomic_write_json(out / "config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
     if progress.epoch >= cfg.epochs and (out / "summary.json").exists():
         logger.info("%s already finished all %d epochs; nothing to do", out, cfg.epochs)
         return 0
-
     tb = None
     if main_proc:
         from torch.utils.tensorboard import SummaryWriter
@@ -123,34 +129,39 @@ def _train(cfg, accelerator, setup: _Setup) -> int:
                 setup.backend)
     ids_checksum = 0
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        t_epoch = time.perf_counter()
-        tr = train_epoch(accelerator, model, setup.train_loader, optimizer, scheduler, epoch=epoch,
-                         steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad)
-        ids_checksum = tr.ids_checksum
-        t_val = time.perf_counter()
-        val = evaluate(accelerator, model, setup.val_loader, loss_kind=cfg.loss, epoch=epoch)
-        val_s = time.perf_counter() - t_val
-        row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": val["loss"], "val_acc": val["accuracy"],
-               "val_auc": val["roc_auc"], "val_ap": val["average_precision"], "val_eer": val["eer"],
-               "img_s": tr.img_s, "data_wait_s": tr.data_wait_s, "compute_s": tr.compute_s,
-               "lr": scheduler.get_last_lr()[0], "val_s": val_s, "train_samples": tr.samples}
-        progress.history.append(to_jsonable(row))
-        progress.epoch = epoch
-        progress.train_time_s += time.perf_counter() - t_epoch
-        score = selection_score(val)
-        improved = score > progress.best_score
-        if improved:
-            progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
-        if main_proc:
-            _write_epoch_outputs(cfg, out, accelerator.unwrap_model(model), val, progress, improved, tb)
-        logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
-                    "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
-                    tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
-        save_training_state(accelerator, out, epoch, progress.as_dict())
+        ids_checksum = _epoch(cfg, accelerator, setup, (model, optimizer, scheduler), progress, epoch, tb)
     if tb is not None:
         tb.close()
     _write_final(cfg, out, accelerator, model, setup, progress, ids_checksum)
     return 0
+
+
+def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch: int, tb) -> int:
+    """Train and validate one epoch, record it, write the epoch's outputs; returns the ids checksum."""
+    model, optimizer, scheduler = prepared
+    t_epoch = time.perf_counter()
+    tr = train_epoch(accelerator, model, setup.train_loader, optimizer, scheduler, epoch=epoch,
+                     steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad)
+    t_val = time.perf_counter()
+    val = evaluate(accelerator, model, setup.val_loader, loss_kind=cfg.loss, epoch=epoch)
+    val_s = time.perf_counter() - t_val
+    row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in HEADLINE},
+           "img_s": tr.img_s, "data_wait_s": tr.data_wait_s, "compute_s": tr.compute_s,
+           "lr": scheduler.get_last_lr()[0], "val_s": val_s, "train_samples": tr.samples}
+    progress.history.append(to_jsonable(row))
+    progress.epoch = epoch
+    progress.train_time_s += time.perf_counter() - t_epoch
+    score = selection_score(val)
+    improved = score > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
+    if accelerator.is_main_process:
+        _write_epoch_outputs(cfg, Path(cfg.out), accelerator.unwrap_model(model), val, progress, improved, tb)
+    logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
+                "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
+                tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
+    save_training_state(accelerator, Path(cfg.out), epoch, progress.as_dict())
+    return tr.ids_checksum
 
 
 def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
@@ -162,12 +173,9 @@ def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: P
     write_metrics_csv(out / "metrics.csv", progress.history)
     plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {Path(cfg.data).name}")
     row = progress.history[-1]
-    for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("val_acc", "val/accuracy"),
-                     ("val_auc", "val/roc_auc"), ("val_ap", "val/average_precision"), ("val_eer", "val/eer"),
-                     ("img_s", "perf/img_s"), ("data_wait_s", "perf/data_wait_s"), ("compute_s", "perf/compute_s"),
-                     ("lr", "lr")):
+    for key in METRIC_COLUMNS[1:]:
         if row.get(key) is not None:
-            tb.add_scalar(tag, row[key], progress.epoch)
+            tb.add_scalar(tb_tag(key), row[key], progress.epoch)
     tb.flush()
 
 
@@ -183,7 +191,7 @@ def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Pr
         "steps_per_epoch": setup.steps, "train_samples_per_epoch": setup.steps * cfg.batch_size,
         "train_ids_checksum_last_epoch": ids_checksum, "epochs": progress.epoch,
         "param_checksum": _param_checksum(accelerator.unwrap_model(model)),
-        "final_val": {k: last.get(k) for k in ("val_loss", "val_acc", "val_auc", "val_ap", "val_eer")},
+        "final_val": {k: last.get(k) for k in METRIC_COLUMNS if k.startswith("val_")},
     }
     atomic_write_json(out / "ranks" / f"rank-{accelerator.process_index}.json", to_jsonable(rank_info))
     accelerator.wait_for_everyone()

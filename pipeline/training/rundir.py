@@ -1,7 +1,6 @@
-"""Pieces of `pipeline.train`: optimisation recipe, one training epoch, evaluation across ranks, run dir.
+"""The run directory of a training run: checks before a run starts, resumable state, metrics.csv.
 
-Everything here takes its inputs explicitly (accelerator, model, loader, config); the run-dir
-helpers write every file atomically and only on the main process.
+Files are written atomically and only on the main process.
 """
 from __future__ import annotations
 
@@ -16,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from pipeline.scoring.metrics import to_jsonable
+from pipeline.scoring.metrics import HEADLINE, to_jsonable
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", "val_acc", "val_auc", "val_ap", "val_eer",
+METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in HEADLINE),
                   "img_s", "data_wait_s", "compute_s", "lr")
 
 STATE_DIR = "state"
