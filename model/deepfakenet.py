@@ -115,7 +115,7 @@ class DeepfakeNet(nn.Module):
     """Stem + bottleneck stages + average pool + linear head, returning logits ``[N, 1]``.
 
     Args:
-        widths: output channels of the four stages.
+        widths: output channels of each stage (1 to 4 stages; the original has four).
         depths: blocks per stage.
         stem_width: channels of the stem conv.
         stem_kernel: kernel of the stride-2 stem conv (original: 7; NPR's ResNet: 3).
