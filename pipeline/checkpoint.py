@@ -6,7 +6,15 @@ metadata (every value a string, as safetensors requires)::
     format="deepfake-detector/1", model="deepfakenet_tiny", image_size="64",
     mean="[0.485, 0.456, 0.406]", std="[...]", epoch="3", metrics="{...}", model_kwargs="{}"
 
-No pickle anywhere. A run directory resolves to ``RUN_DIR/best.safetensors``.
+No pickle anywhere. A run directory resolves to ``RUN_DIR/best.safetensors``. ``model_kwargs``
+always holds the model's ``input_filter`` (``"none"`` / ``"npr"``): the filter has no weights, so
+without it a checkpoint would load silently with the wrong input. A checkpoint without it (older
+ones) gets the variant's default, ``"none"`` for the first three variants.
+
+Loading treats the file as untrusted: every metadata field is parsed and bounded (`read_metadata`)
+and ``model_kwargs`` checked by `model.validate_kwargs` before anything is built; tensor names and
+shapes are compared from the header before any tensor is read; non-finite weights are refused. Every
+failure is one `CheckpointError` line naming the file and the field or tensor.
 """
 from __future__ import annotations
 
@@ -24,7 +32,6 @@ from shard_tools.fsutil import atomic_write_bytes
 FORMAT = "deepfake-detector/1"
 BEST = "best.safetensors"
 LAST = "last.safetensors"
-_JSON_KEYS = ("mean", "std", "metrics", "model_kwargs")
 
 
 class CheckpointError(ValueError):
@@ -66,18 +73,24 @@ def save_checkpoint(
     """Write the unwrapped ``model``'s weights and metadata to ``path`` atomically.
 
     ``extra`` adds metadata: ``epoch`` (int), ``metrics`` (dict), ``model_kwargs`` (dict passed to
-    `model.create_model`, so a variant built with overrides loads back) and any other key; values
-    that are not strings are stored as JSON.
+    `model.create_model`, so a variant built with overrides loads back; the model's ``input_filter``
+    is added to it) and any other key; values that are not strings are stored as JSON. Raises
+    ValueError if ``model_kwargs`` names an ``input_filter`` other than the model's.
     """
     from safetensors.torch import save
 
     extra = dict(extra or {})
+    kwargs = dict(extra.pop("model_kwargs", None) or {})
+    actual = getattr(unwrap(model), "input_filter", None)
+    if isinstance(actual, str):  # a DeepfakeNet: record its filter, which no weight would reveal
+        if kwargs.setdefault("input_filter", actual) != actual:
+            raise ValueError(f"{path}: model_kwargs input_filter={kwargs['input_filter']!r}, but the model's is {actual!r}")
     meta: Dict[str, str] = {
         "format": FORMAT, "model": str(model_name), "image_size": str(int(image_size)),
         "mean": json.dumps(list(MEAN)), "std": json.dumps(list(STD)),
         "epoch": json.dumps(extra.pop("epoch", None)),
         "metrics": json.dumps(_clean(extra.pop("metrics", {})), default=_json_default),
-        "model_kwargs": json.dumps(_clean(extra.pop("model_kwargs", {})), default=_json_default),
+        "model_kwargs": json.dumps(_clean(kwargs), default=_json_default),
     }
     for key, value in extra.items():
         meta[str(key)] = value if isinstance(value, str) else json.dumps(_clean(value), default=_json_default)
@@ -101,8 +114,72 @@ def resolve_checkpoint(path_or_run_dir: Union[str, Path]) -> Path:
     return path
 
 
+def _show(value: str, limit: int = 60) -> str:
+    return repr(value) if len(value) <= limit else repr(value[: limit - 3]) + "..."
+
+
+def _bad(path: Path, key: str, raw: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{path}: metadata {key}={_show(raw)}: {problem}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# Optional JSON fields: (rule, what is accepted). Absent ones are left out (older checkpoints).
+_JSON_RULES = {
+    "epoch": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10**6),
+              "must be null or an int in [0, 1000000]"),
+    "mean": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
+             "must be a JSON list of 3 finite numbers"),
+    "std": (lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) and x > 0 for x in v),
+            "must be a JSON list of 3 positive numbers"),
+    "metrics": (lambda v: isinstance(v, dict), "must be a JSON object"),
+    "model_kwargs": (lambda v: isinstance(v, dict), "must be a JSON object"),
+}
+
+
+def _parse_fields(path: Path, raw: Mapping[str, str]) -> Dict[str, Any]:
+    """The decoded, bounded metadata; `CheckpointError` naming the first bad field."""
+    from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models, validate_kwargs
+
+    meta: Dict[str, Any] = dict(raw)
+    for key in ("model", "image_size"):
+        if key not in raw:
+            raise CheckpointError(f"{path}: checkpoint metadata has no {key!r} field")
+    if raw["model"] not in list_models():
+        raise CheckpointError(f"{path}: metadata model: unknown model {_show(raw['model'])} "
+                              f"(known: {', '.join(list_models())})")
+    size = raw["image_size"].strip()
+    if not (size.isascii() and size.isdigit() and MIN_IMAGE_SIZE <= int(size) <= MAX_IMAGE_SIZE):
+        raise _bad(path, "image_size", raw["image_size"], f"must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
+    meta["image_size"] = int(size)
+    for key, (ok, accepted) in _JSON_RULES.items():
+        if key not in raw:
+            continue
+        try:
+            meta[key] = json.loads(raw[key])
+        except (ValueError, RecursionError) as e:
+            raise _bad(path, key, raw[key], f"not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        if not ok(meta[key]):
+            raise _bad(path, key, raw[key], accepted)
+    meta.setdefault("epoch", None)
+    meta.setdefault("model_kwargs", {})
+    try:
+        validate_kwargs(meta["model"], meta["model_kwargs"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata model_kwargs: {e}") from None
+    return meta
+
+
 def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
-    """The decoded metadata of a checkpoint (``image_size``/``epoch`` ints, JSON fields parsed), plus ``path``."""
+    """The decoded, validated metadata of a checkpoint, plus ``path``.
+
+    ``image_size`` is an int in [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE], ``epoch`` null or an int, ``mean`` /
+    ``std`` lists of 3 numbers, ``metrics`` and ``model_kwargs`` objects, ``model`` a registered
+    variant and ``model_kwargs`` within `model.validate_kwargs`' bounds; anything else is a
+    `CheckpointError` naming the file and the field. Nothing is built.
+    """
     from safetensors import safe_open
 
     path = resolve_checkpoint(path_or_run_dir)
@@ -115,51 +192,60 @@ def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
         raise CheckpointError(
             f"{path}: metadata format is {raw.get('format')!r}, expected {FORMAT!r} (not written by deepfake-train?)"
         )
-    meta: Dict[str, Any] = dict(raw)
-    try:
-        meta["image_size"] = int(raw["image_size"])
-        meta["epoch"] = json.loads(raw.get("epoch", "null"))
-        for key in _JSON_KEYS:
-            if key in raw:
-                meta[key] = json.loads(raw[key])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad checkpoint metadata ({type(e).__name__}: {e})") from None
-    if "model" not in meta:
-        raise CheckpointError(f"{path}: checkpoint metadata has no 'model' name")
-    meta.setdefault("model_kwargs", {})
+    meta = _parse_fields(path, raw)
     meta["path"] = str(path)
     return meta
+
+
+def _read_state(path: Path, model_name: str, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors ``expected`` names, after checking names and shapes from the header alone."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+            if missing or unexpected:
+                raise CheckpointError(f"{path}: weights do not match {model_name}: missing keys {_short(missing)}, "
+                                      f"unexpected keys {_short(unexpected)}")
+            shapes = [f"{k} {tuple(f.get_slice(k).get_shape())} vs model {tuple(v.shape)}"
+                      for k, v in expected.items() if tuple(f.get_slice(k).get_shape()) != tuple(v.shape)]
+            if shapes:
+                raise CheckpointError(f"{path}: shape mismatch for {model_name}: {_short(shapes)}")
+            return {k: f.get_tensor(k) for k in expected}
+    except CheckpointError:
+        raise
+    except Exception as e:  # the header parsed once already; a file changed or damaged since
+        raise CheckpointError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+
+
+def _check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        t = state[bad[0]]
+        raise CheckpointError(
+            f"{path}: tensor {bad[0]} {tuple(t.shape)} has {int(torch.isnan(t).sum())} NaN and "
+            f"{int(torch.isinf(t).sum())} infinite values ({len(bad)} such tensors in all; did training diverge?)"
+        )
 
 
 def load_checkpoint(path_or_run_dir: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild the model named in the metadata, load the weights strictly, return ``(model.eval(), meta)``.
 
-    Raises `CheckpointError` naming the file for: a missing file, a file that is not safetensors, a
-    foreign format, an unknown model, missing/unexpected keys, or a shape mismatch.
+    Raises `CheckpointError` naming the file for: a missing file, a run dir without best.safetensors,
+    a file that is not safetensors (truncated, pickle, ...), a foreign format, bad or out-of-bounds
+    metadata (`read_metadata`), missing/unexpected keys, a shape mismatch, or NaN/inf weights.
     """
-    from safetensors.torch import load_file
-
-    from model import create_model, list_models
+    from model import create_model
 
     meta = read_metadata(path_or_run_dir)
     path = Path(meta["path"])
-    if meta["model"] not in list_models():
-        raise CheckpointError(f"{path}: unknown model {meta['model']!r} (known: {', '.join(list_models())})")
     try:
         model = create_model(meta["model"], **meta["model_kwargs"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # validated already; kept as a last guard
         raise CheckpointError(f"{path}: cannot build {meta['model']} with model_kwargs {meta['model_kwargs']}: {e}") from None
-    state = load_file(str(path), device="cpu")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match {meta['model']}: missing keys {_short(missing)}, unexpected keys {_short(unexpected)}"
-        )
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if shapes:
-        raise CheckpointError(f"{path}: shape mismatch for {meta['model']}: {_short(shapes)}")
+    state = _read_state(path, meta["model"], model.state_dict())
+    _check_finite(path, state)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
 

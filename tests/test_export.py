@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import help_text, make_face
 
+from model import create_model
 from pipeline import export
 from pipeline.augment.batch_ops import normalize, resize_uint8
 from pipeline.checkpoint import load_checkpoint
@@ -79,3 +80,22 @@ def test_cli_errors(tmp_path, caplog, capsys):
         export.main(["--checkpoint", "x", "--onnx", str(tmp_path / "m.onnx"), "--image-size", "16"])
     assert e.value.code == 2
     assert "--image-size 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [64, 65])
+def test_npr_model_matches_pytorch_in_onnxruntime(size):
+    # The NPR filter is inside forward, so it is in the graph; an odd side exercises its crop.
+    torch.manual_seed(0)
+    model = create_model("deepfakenet_npr_tiny").eval()
+    with torch.no_grad():  # non-trivial BN statistics, so the check is not of an all-zero branch
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2.0)
+    data = export.export_onnx(model, image_size=size, dynamic_batch=True)
+    x = torch.cat([real_batch(2, size), torch.randn(1, 3, size, size)])
+    diffs = export.compare_onnx(data, model, x)
+    assert max(diffs.values()) < 1e-4, diffs
+    ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
+    assert "Resize" in ops and "Sub" in ops  # the filter is in the graph, not folded away
+    with torch.no_grad():
+        assert model(x).abs().max() > 0

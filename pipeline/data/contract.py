@@ -31,12 +31,11 @@ from typing import List, NamedTuple, Sequence, Tuple, Union
 
 import torch
 
-from model import MIN_IMAGE_SIZE
+from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from pipeline.augment.config import AugConfig
 
 BACKENDS = ("dali", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
-MAX_IMAGE_SIZE = 4096  # px; a larger square side is a typo, and would allocate gigabytes per batch
 
 
 class Batch(NamedTuple):
