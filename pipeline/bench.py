@@ -181,10 +181,10 @@ def _machine(device: str) -> dict:
 
 def _settle_args(args: argparse.Namespace) -> Optional[str]:
     """Fill the ``auto`` defaults in place; the one-line error for a bad combination, else None."""
-    import torch
+    from pipeline.scoring.cli import default_device
 
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = default_device()
     args.model = args.model or ("deepfakenet_base" if args.device == "cuda" else "deepfakenet_tiny")
     if "stall" in args.rows:
         from model import list_models

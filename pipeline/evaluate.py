@@ -39,8 +39,8 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import check_inference_args, default_device
-from pipeline.scoring.metrics import plot_roc, plot_score_hist, to_jsonable
-from pipeline.scoring.score import _metrics, per_group, score_folders, score_shards, write_scores_csv
+from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
+from pipeline.scoring.score import per_group, score_folders, score_shards, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 
@@ -127,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes",
                      " and ".join(missing), len(skipped))
         return 2
-    m = _metrics(s.labels, s.scores, args.threshold)
+    m = quiet_metrics(s.labels, s.scores, args.threshold)
     report = {
         "checkpoint": meta["path"], "model": meta["model"], "image_size": size, "epoch": meta.get("epoch"),
         "inputs": source, "threshold": args.threshold, "metrics": m,

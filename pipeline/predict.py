@@ -34,7 +34,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
-from pipeline.scoring.cli import check_inference_args
+from pipeline.scoring.cli import check_inference_args, default_device
 from pipeline.scoring.score import score_items
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 
@@ -50,7 +50,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (walked recursively)")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint, or a run dir (uses RUN_DIR/best.safetensors)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    g.add_argument("--device", default=default_device(),
                    help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which the label is 'fake'")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")

@@ -17,8 +17,7 @@ Exit codes: 0 ok, 2 bad flag / data / run-dir error (one line).
 Resume: the accelerate state (model, optimizer, scheduler, RNG) and the epoch history are saved
 after every epoch into state/epoch_NNNN (written under a temp name, then renamed); --resume loads the
 newest and continues with the next epoch; loaders are re-seeded per epoch (``set_epoch``), so a
-resumed run sees the same data as an uninterrupted one. For tests, the environment variable
-DEEPFAKE_TRAIN_KILL_AT=EPOCH:STEP makes the process SIGKILL itself after that training step.
+resumed run sees the same data as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -105,7 +104,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, *, on_step=None) -> int:
+    """Run deepfake-train; ``on_step(epoch, step)`` is called after every training step (tests)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -115,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from pipeline.training.loop import run
 
-    return run(cfg)
+    return run(cfg, on_step=on_step)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,26 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.augment.batch_ops import (
     affine_grid,
     apply_params,
-    augment_batch,
     gaussian_blur,
     jpeg_roundtrip,
     normalize,
+    normalize_,
     resize_uint8,
     warp,
 )
 from pipeline.augment.config import MEAN, STD, AugConfig
 from pipeline.augment.params import draw_params, inverse_affine
 from tests.conftest import make_face
+
+
+def augment_batch(images: torch.Tensor, cfg: AugConfig, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    """What the torch backend does on CUDA: draw per-sample parameters, apply them, normalise."""
+    if cfg.is_identity:
+        if images.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 batch, got {images.dtype}")
+        return normalize_(resize_uint8(images, image_size).float())
+    return normalize_(apply_params(images, draw_params(images.shape[0], cfg, generator), image_size))
+
 
 LOW = min((0 - m) / s for m, s in zip(MEAN, STD))
 HIGH = max((1 - m) / s for m, s in zip(MEAN, STD))

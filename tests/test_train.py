@@ -22,7 +22,7 @@ from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.loader import build_loader
 from pipeline.scoring.metrics import binary_metrics
 from pipeline.train import get_args_parser, main, parse_args
-from pipeline.training.rundir import KILL_ENV, METRIC_COLUMNS
+from pipeline.training.rundir import METRIC_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
@@ -44,7 +44,6 @@ def _fresh_accelerate_state():
 
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop(KILL_ENV, None)
     return env
 
 
@@ -213,8 +212,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(packed, tmp_path, cap
     subprocess.run(_train_cmd(packed, straight, *common), env=_env(), check=True, capture_output=True, timeout=300)
 
     # SIGKILL in the middle of epoch 2, after epoch 1's state was saved.
-    env = dict(_env(), **{KILL_ENV: "2:2"})
-    proc = subprocess.run(_train_cmd(packed, killed, *common), env=env, capture_output=True, timeout=300)
+    kill = [sys.executable, str(REPO / "tests" / "kill_after.py"), "2:2", *_args(packed, killed, *common)]
+    proc = subprocess.run(kill, env=_env(), capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "summary.json").exists()
     assert [p.name for p in (killed / "state").iterdir()] == ["epoch_0001"]
@@ -290,3 +289,11 @@ def test_auto_backend_on_cpu_is_torch(packed, tmp_path):
     assert main(_args(packed, run, "--epochs", "1", "--max-steps", "2", backend="auto")) == 0
     assert json.loads((run / "config.json").read_text())["backend"] == "auto"
     assert json.loads((run / "summary.json").read_text())["backend"] == "torch"  # what actually ran
+
+
+def test_diverging_run_stops_with_one_line(packed, tmp_path, caplog):
+    rc = main(_args(packed, tmp_path / "run", "--epochs", "1", "--lr", "1e30", "--clip-grad", "0",
+                    "--warmup-epochs", "0"))
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "diverged at epoch 1 step" in errors[0] and "--lr" in errors[0]

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from pipeline.augment.config import MEAN, STD, AugConfig
-from pipeline.augment.params import AugParams, draw_params, inverse_affine
+from pipeline.augment.config import MEAN, STD
+from pipeline.augment.params import AugParams, inverse_affine
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -141,19 +141,3 @@ def apply_params(images: torch.Tensor, params: AugParams, image_size: int) -> to
         rounded = x.index_select(0, idx).round_().clamp_(0, 255).to(torch.uint8)
         x.index_copy_(0, idx, jpeg_roundtrip(rounded, params.quality[sel]).float())
     return x
-
-
-def augment_batch(images: torch.Tensor, cfg: AugConfig, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    """uint8 NCHW batch (any device) -> float32 normalised NCHW ``image_size`` square, same device:
-    `draw_params` + `apply_params` + normalise in one call.
-
-    Parameters are drawn per sample from ``generator`` (a CPU generator, seeded by the caller).
-    With ``cfg.is_identity`` this is exactly ``normalize(resize_uint8(images, image_size))`` and
-    draws nothing.
-    """
-    if cfg.is_identity:
-        if images.dtype != torch.uint8:
-            raise ValueError(f"expected a uint8 batch, got {images.dtype}")
-        return normalize_(resize_uint8(images, image_size).float())
-    params = draw_params(images.shape[0], cfg, generator)
-    return normalize_(apply_params(images, params, image_size))

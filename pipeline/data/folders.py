@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from pipeline.augment.batch_ops import resize_uint8
 from pipeline.data.tar_reader import iter_members
-from shard_tools.format import CLASS_NAMES
+from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, is_remote
 from shard_tools.imageio import BadImage, load_rgb
 from shard_tools.inputs import Candidate, walk_folder
 
@@ -91,7 +91,7 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
     """
     items = []
     for shard in shards:
-        if "://" in shard or shard.startswith("pipe:") or not Path(shard).is_file():
+        if is_remote(shard) or not Path(shard).is_file():
             raise ValueError(
                 f"{shard}: reading shard images one by one (evaluate --robustness) needs local .tar files, not URLs"
             )
@@ -99,7 +99,7 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
         with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.data.tar_reader)
             for key, ext, offset, size in iter_members(shard):
                 s = samples.setdefault(key, {})
-                if ext in ("jpg", "png", "webp"):
+                if ext in IMAGE_EXTS:
                     s["image"] = (shard, offset, size)
                 elif ext in ("cls", "json"):
                     f.seek(offset)

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import List, Optional, Union
+
+from shard_tools.format import MANIFEST, is_remote
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 
-CLASS_NAMES = ("real", "fake")  # cls 0 = real, 1 = fake
 
 VERIFY_HINT = "run `deepfake-inspect {root} --verify` to check the pack output, or re-run `deepfake-pack`"
 
@@ -33,7 +33,6 @@ class ShardSet:
         shards: local paths or URLs (``pipe:...``, ``s3://...``), in manifest order.
         indexes: DALI ``.idx`` paths parallel to ``shards``, or None when unknown (URL patterns).
         shard_sizes: samples per shard, or None when unknown.
-        class_counts: ``{"real": n, "fake": n}`` for the split, or empty when unknown.
         root: the pack output folder, or None for URL patterns.
     """
 
@@ -41,7 +40,6 @@ class ShardSet:
     shards: List[str]
     indexes: Optional[List[str]] = None
     shard_sizes: Optional[List[int]] = None
-    class_counts: Dict[str, int] = field(default_factory=dict)
     root: Optional[Path] = None
 
     @property
@@ -84,7 +82,7 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
         import braceexpand
 
         shards = list(braceexpand.braceexpand(text))
-        local = [s for s in shards if "://" not in s and not s.startswith("pipe:")]
+        local = [s for s in shards if not is_remote(s)]
         for s in local:
             if not Path(s).exists():
                 raise DataError(f"shard {s} does not exist (from pattern {text})")
@@ -122,5 +120,4 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
         if need_index and not idx.exists():
             raise DataError(f"DALI index {idx} for shard {tar} is missing; " + VERIFY_HINT.format(root=root))
         indexes.append(str(idx))
-    counts = {k: int(v) for k, v in splits[split].get("classes", {}).items()}
-    return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=sizes, class_counts=counts, root=root)
+    return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=sizes, root=root)

@@ -60,6 +60,16 @@ def equal_error_rate(labels: ArrayLike, scores: ArrayLike) -> Tuple[float, float
     return float(eer), float(threshold)
 
 
+def quiet_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> Dict[str, Any]:
+    """`binary_metrics` without the `SingleClassWarning`, for callers that report a missing class
+    themselves (per-folder rows, robustness levels)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingleClassWarning)
+        return binary_metrics(labels, scores, threshold=threshold)
+
+
 def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> Dict[str, Any]:
     """Detection metrics for one set of labels and scores.
 

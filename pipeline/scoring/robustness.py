@@ -10,18 +10,13 @@ import torch
 from tqdm import tqdm
 
 from pipeline.augment.degrade import APPLIED, SWEEP, Degradation, default_sweep
+from pipeline.scoring.metrics import quiet_metrics
 
 logger = logging.getLogger(__name__)
 
 
 def _summary(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    import warnings
-
-    from pipeline.scoring.metrics import SingleClassWarning, binary_metrics
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SingleClassWarning)
-        m = binary_metrics(labels, scores, threshold=threshold)
+    m = quiet_metrics(labels, scores, threshold=threshold)
     keys = ("n", "n_real", "n_fake", "accuracy", "accuracy_at_eer", "roc_auc", "average_precision", "eer")
     return {k: m[k] for k in keys}
 

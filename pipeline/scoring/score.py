@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,7 +18,7 @@ from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.folders import Degrade, ImageItems, Item, _collate, collect, shard_items
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError
-from pipeline.scoring.metrics import SingleClassWarning, binary_metrics
+from pipeline.scoring.metrics import quiet_metrics
 from shard_tools.format import is_remote
 from shard_tools.fsutil import atomic_open
 
@@ -127,11 +126,6 @@ def score_folders(
     return scores, kept, skipped
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SingleClassWarning)
-        return binary_metrics(labels, scores, threshold=threshold)
-
 
 def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
     """Each input folder: its accuracy and mean score, and its AUC/AP against every image of the other class."""
@@ -140,7 +134,7 @@ def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
         mask = np.asarray([g == group for g in s.groups])
         label = int(s.labels[mask][0])
         pair = mask | (s.labels != label)
-        m = _metrics(s.labels[pair], s.scores[pair], threshold)
+        m = quiet_metrics(s.labels[pair], s.scores[pair], threshold)
         correct = (s.scores[mask] >= threshold).astype(np.int64) == label
         at_eer = (s.scores[mask] >= eer_threshold).astype(np.int64) == label
         out.append({

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.contract import drop_repeats
 from pipeline.scoring.metrics import binary_metrics
-from pipeline.training.rundir import KILL_ENV, RunError
+from pipeline.training.rundir import RunError
 
 
 def loss_per_sample(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
@@ -38,7 +37,6 @@ def _sync(device: torch.device) -> None:
 class EpochStats:
     loss: float = math.nan
     samples: int = 0  # across all ranks
-    steps: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
     ids_checksum: int = 0  # this rank's train ids, order-independent (for the rank agreement check)
@@ -49,21 +47,31 @@ class EpochStats:
         return self.samples / busy if busy > 0 else math.nan
 
 
-def _kill_point() -> Optional[Tuple[int, int]]:
-    value = os.environ.get(KILL_ENV)
-    if not value:
-        return None
-    try:
-        epoch, step = value.split(":")
-        return int(epoch), int(step)
-    except ValueError:
-        raise RunError(f"{KILL_ENV}={value!r}: expected EPOCH:STEP, e.g. 2:1") from None
+
+
+class Diverged(RunError):
+    """The training loss became NaN or infinite."""
+
+
+def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> None:
+    """Raise `Diverged` on every rank when the loss of any rank is not finite (one tiny all-reduce:
+    a rank that stopped alone would leave the others waiting in the next gradient all-reduce)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise Diverged(f"training diverged at epoch {epoch} step {step} (loss {loss.item():.4g}); "
+                       "lower --lr, or raise --warmup-epochs / --clip-grad")
 
 
 def train_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, *, epoch: int, steps: int,
-                loss_kind: str, clip_grad: float, desc: str = "train") -> EpochStats:
-    """One pass of ``steps`` batches; times the wait for each batch apart from the step itself."""
-    import signal
+                loss_kind: str, clip_grad: float, desc: str = "train",
+                on_step: Optional[Callable[[int, int], None]] = None) -> EpochStats:
+    """One pass of ``steps`` batches; times the wait for each batch apart from the step itself.
+
+    ``on_step(epoch, step)`` runs after each step (tests use it to kill a run mid-epoch). A
+    non-finite loss on any rank stops every rank with `Diverged` (all ranks agree, none hangs).
+    """
     import zlib
 
     device = accelerator.device
@@ -72,7 +80,6 @@ def train_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, *, 
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     stats = EpochStats()
-    kill = _kill_point()
     bar = tqdm(total=steps, desc=f"{desc} {epoch}", disable=not accelerator.is_main_process, leave=False)
     it = iter(loader)
     _sync(device)
@@ -92,6 +99,7 @@ def train_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, *, 
             if accelerator.sync_gradients:
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+        _check_finite(accelerator, loss, epoch, step)
         n = len(batch.ids)
         loss_sum += loss.detach().double() * n
         count += n
@@ -102,15 +110,14 @@ def train_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, *, 
         stats.compute_s += t2 - t1
         t0 = t2
         bar.update(1)
-        if kill == (epoch, step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if on_step is not None:
+            on_step(epoch, step)
     bar.close()
     del it  # stops the loader's workers when the epoch was cut short
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(count), device=device, dtype=torch.float64)]),
                                 reduction="sum")
     stats.samples = int(totals[1].item())
     stats.loss = float(totals[0].item() / max(1, stats.samples))
-    stats.steps = steps
     return stats
 
 

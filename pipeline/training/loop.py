@@ -59,8 +59,9 @@ class _Setup:
         self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
 
 
-def run(cfg) -> int:
-    """Train as ``cfg`` says; returns the exit code (2 with a one-line error for bad settings/data)."""
+def run(cfg, *, on_step=None) -> int:
+    """Train as ``cfg`` says; returns the exit code (2 with a one-line error for bad settings/data or a
+    diverged run). ``on_step(epoch, step)`` runs after every training step (see `train_epoch`)."""
     from accelerate import Accelerator
 
     # step_scheduler_with_optimizer=False: a prepared scheduler would otherwise step num_processes
@@ -78,7 +79,12 @@ def run(cfg) -> int:
             if main_proc:
                 logger.error("error: %s", e)
             return 2
-        return _train(cfg, accelerator, setup)
+        try:
+            return _train(cfg, accelerator, setup, on_step)
+        except RunError as e:  # e.g. Diverged: every rank raises it together
+            if main_proc:
+                logger.error("error: %s", e)
+            return 2
     finally:
         accelerator.end_training()
 
@@ -107,7 +113,7 @@ def _prepare(cfg, accelerator, setup: _Setup):
     return model, optimizer, scheduler, progress
 
 
-def _train(cfg, accelerator, setup: _Setup) -> int:
+def _train(cfg, accelerator, setup: _Setup, on_step=None) -> int:
     out = Path(cfg.out)
     main_proc = accelerator.is_main_process
     model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
@@ -129,19 +135,19 @@ def _train(cfg, accelerator, setup: _Setup) -> int:
                 setup.backend)
     ids_checksum = 0
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
-        ids_checksum = _epoch(cfg, accelerator, setup, (model, optimizer, scheduler), progress, epoch, tb)
+        ids_checksum = _epoch(cfg, accelerator, setup, (model, optimizer, scheduler), progress, epoch, tb, on_step)
     if tb is not None:
         tb.close()
     _write_final(cfg, out, accelerator, model, setup, progress, ids_checksum)
     return 0
 
 
-def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch: int, tb) -> int:
+def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch: int, tb, on_step=None) -> int:
     """Train and validate one epoch, record it, write the epoch's outputs; returns the ids checksum."""
     model, optimizer, scheduler = prepared
     t_epoch = time.perf_counter()
     tr = train_epoch(accelerator, model, setup.train_loader, optimizer, scheduler, epoch=epoch,
-                     steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad)
+                     steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad, on_step=on_step)
     t_val = time.perf_counter()
     val = evaluate(accelerator, model, setup.val_loader, loss_kind=cfg.loss, epoch=epoch)
     val_s = time.perf_counter() - t_val

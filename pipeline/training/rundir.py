@@ -27,9 +27,6 @@ STATE_DIR = "state"
 
 PROGRESS = "progress.json"
 
-# Fault injection for the resume test: "EPOCH:STEP" SIGKILLs the process after that training step.
-KILL_ENV = "DEEPFAKE_TRAIN_KILL_AT"
-
 
 class RunError(ValueError):
     """A run directory / setting problem the user must fix; the message names the flag or file."""
