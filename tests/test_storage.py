@@ -98,9 +98,9 @@ def test_unreachable_endpoint_is_one_line(s3_bucket, caplog):
     e = _fails("unreachable", storage.read_bytes, f"{s3_bucket}/x/{MANIFEST}", storage_options=opts)
     assert "endpoint_url" in str(e)
     _fails("unreachable", storage.read_bytes, f"http://127.0.0.1:{free_port()}/{MANIFEST}", storage_options=FAST)
-    t0 = time.monotonic()
-    assert inspect_main([f"{s3_bucket}/x", "--storage-options", json.dumps(opts)]) == 2
-    assert time.monotonic() - t0 < 10
+    t0 = time.monotonic()  # the CLI with the default timeouts and attempts: a few seconds too
+    assert inspect_main([f"{s3_bucket}/x", "--storage-options", json.dumps({"endpoint_url": opts["endpoint_url"]})]) == 2
+    assert time.monotonic() - t0 < 20
     lines = _error_lines(caplog)
     assert len(lines) == 1 and f"{s3_bucket}/x/{MANIFEST}: cannot reach the server" in lines[0]
 
