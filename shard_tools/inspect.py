@@ -31,8 +31,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from shard_tools import fsutil
-from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, MANIFEST
+from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, MANIFEST, is_remote
 from shard_tools.imageio import BadImage, inspect_bytes, load_rgb
+from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger(__name__)
 _MAX_PROBLEMS_SHOWN = 50
@@ -42,7 +43,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepfake-inspect", description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="Exit codes: 0 ok; 1 --verify found problems; 2 missing folder/manifest or bad flag.")
-    p.add_argument("out", metavar="OUT", help="pack output folder (with manifest.json)")
+    p.add_argument("out", metavar="OUT", help="pack output folder (with manifest.json), or its URL (s3://bucket/prefix, "
+                   "https://host/path, any fsspec URL; --verify/--grid download the shards to a temp folder)")
+    p.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL: JSON of fsspec filesystem "
+                   "arguments, e.g. '{\"endpoint_url\": \"http://host:9000\"}', plus connect_timeout, read_timeout, attempts")
     g = p.add_argument_group("checks")
     g.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest")
     g = p.add_argument_group("contact sheet")
@@ -212,7 +216,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 1 or args.thumb < 8:
         parser.error(f"--n must be >= 1 and --thumb >= 8, got {args.n} and {args.thumb}")
-    root = Path(args.out)
+    try:
+        parse_storage_options(args.storage_options)
+    except ValueError as e:
+        parser.error(str(e))
+    if is_remote(args.out):
+        from shard_tools.remote import inspect_url
+
+        return inspect_url(args, inspect_folder)
+    return inspect_folder(args, Path(args.out))
+
+
+def inspect_folder(args: argparse.Namespace, root: Path, shown: Optional[str] = None) -> int:
+    """Summary, --verify and --grid of the pack output in the local folder ``root``; messages name it ``shown``."""
     path = root / MANIFEST
     if not path.is_file():
         logger.error("error: %s is missing: %s is not a complete pack output", path, root)
@@ -228,12 +244,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     rc = 0
     if args.verify:
         problems = verify(root, manifest)
+        problems = [p.replace(str(root), shown) for p in problems] if shown else problems
         for p in problems[:_MAX_PROBLEMS_SHOWN]:
             logger.error("problem: %s", p)
         if len(problems) > _MAX_PROBLEMS_SHOWN:
             logger.error("... and %d more problems", len(problems) - _MAX_PROBLEMS_SHOWN)
         if problems:
-            logger.error("verify: FAILED with %d problem(s) in %s", len(problems), root)
+            logger.error("verify: FAILED with %d problem(s) in %s", len(problems), shown or root)
             rc = 1
         else:
             logger.info("verify: OK (%d samples)", sum(s["num_samples"] for s in manifest["splits"].values()))

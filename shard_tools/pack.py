@@ -36,9 +36,10 @@ from tqdm import tqdm
 
 from shard_tools import fsutil
 from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
-from shard_tools.format import CLASS_NAMES, MANIFEST
+from shard_tools.format import CLASS_NAMES, MANIFEST, is_remote
 from shard_tools.inputs import InputError, Skip, collect
 from shard_tools.plan import SPLITS, Item, histograms, make_plan, shortcut_warnings
+from shard_tools.storage import StorageError, parse_storage_options
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=1000, help="target samples per shard")
     g.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split where there are enough samples (warns otherwise)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="OUT", help="output folder (shards, .idx files, manifest.json)")
+    g.add_argument("--out", required=True, metavar="OUT", help="output folder (shards, .idx files, manifest.json), or a URL "
+                   "(s3://bucket/prefix, any fsspec URL): packed in a temp folder, then uploaded, manifest last")
+    g.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL --out: JSON of fsspec filesystem "
+                   "arguments, e.g. '{\"endpoint_url\": \"http://host:9000\"}', plus connect_timeout, read_timeout, attempts")
     g.add_argument("--overwrite", action="store_true", help="replace a complete output folder (one with manifest.json)")
     g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
     g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())), help="processes that read, hash, decode and write")
@@ -87,6 +91,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give at least one input: --real DIR, --fake DIR or --csv FILE")
     if args.images_root and not args.csv:
         p.error("--images-root needs --csv")
+    try:
+        if parse_storage_options(args.storage_options) and not is_remote(args.out):
+            p.error(f"--storage-options is for a URL --out (s3://bucket/prefix, ...), got the folder {args.out}")
+    except ValueError as e:
+        p.error(str(e))
 
 
 def _inspect(path: str, min_size: int, max_pixels: int):
@@ -129,6 +138,10 @@ def _summary(counts: dict, skips: List[Skip]) -> List[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if is_remote(str(args.out)):
+        from shard_tools.remote import pack_to_url
+
+        return pack_to_url(args, run)
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.overwrite:
         raise InputError(f"--out {out} already holds a complete pack output ({MANIFEST}); pass --overwrite to replace it")
@@ -228,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         return run(args)
-    except (InputError, ChangedInput) as e:
+    except (InputError, ChangedInput, StorageError) as e:
         logger.error("error: %s", e)
         return 2
     except OSError as e:  # the output side: disk full, read-only folder, ...

@@ -125,3 +125,47 @@ def trained(packed, tmp_path_factory) -> Path:
     save_checkpoint(run / "best.safetensors", model.eval(), model_name="deepfakenet_tiny", image_size=TRAINED_IMAGE_SIZE,
                     extra={"epoch": 3})
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's real S3 server on 127.0.0.1, a free port, for the whole session (tests/servers.py)."""
+    from servers import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, tmp_path) -> str:
+    """``s3://NAME`` of a fresh bucket on `s3_server`; the AWS_* environment points s3fs/botocore at it."""
+    import uuid
+
+    import s3fs
+
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    s3fs.S3FileSystem.clear_instance_cache()  # cached instances hold the previous test's environment
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def http_root(tmp_path) -> Tuple[Path, str]:
+    """``(folder, base URL)``: a threaded http.server on 127.0.0.1 serving ``folder`` (tests/servers.py)."""
+    from servers import http_server
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    with http_server(folder) as base:
+        yield folder, base
