@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from servers import free_port
+
 from shard_tools import storage
 from shard_tools.format import MANIFEST
 from shard_tools.inspect import main as inspect_main

@@ -1,6 +1,7 @@
 """The packer row: `deepfake-pack` timed in its own process on a subset of the bench's images."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -30,13 +31,12 @@ def _subset_dirs(items: List[Tuple[str, int]], fraction: float, root: Path) -> T
 
 def row_pack(params: dict, monitor: TreeMonitor) -> List[dict]:
     items = list_images(params)
-    try:
-        import shard_tools.pack as pack_module
-    except ImportError as e:
-        raise SkipRow(f"shard_tools.pack not available: {e}") from e
+    spec = importlib.util.find_spec("shard_tools.pack")  # found, not imported: it is an entry point
+    if spec is None or not spec.origin:
+        raise SkipRow("shard_tools.pack not available")
     # As a user runs it: its own process (interpreter start included), not a fork of this one,
     # which has torch loaded and the monitor thread running.
-    pack_cmd = [sys.executable, str(Path(pack_module.__file__).resolve())]
+    pack_cmd = [sys.executable, str(Path(spec.origin).resolve())]
     fraction = params["pack_fraction"]
     workers = max(1, params["workers"])
     import statistics
