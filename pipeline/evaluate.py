@@ -43,6 +43,7 @@ from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, t
 from pipeline.scoring.score import per_group, score_folders, score_shards, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
+from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
 
@@ -57,7 +58,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is called fake")
     g = p.add_argument_group("data (give --data, or --real and --fake)")
-    g.add_argument("--data", default=None, help="a deepfake-pack output folder (or a shard pattern) to evaluate")
+    g.add_argument("--data", default=None,
+                   help="a deepfake-pack output to evaluate: a local folder, a URL (s3://..., https://..., any fsspec "
+                        "URL; streamed), or a local shard pattern of one split")
+    g.add_argument("--storage-options", default=None, metavar="JSON",
+                   help='fsspec options for a --data URL, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    g.add_argument("--cache-dir", default=None,
+                   help="local folder to keep downloaded remote shards in (verified; DALI always downloads)")
     g.add_argument("--split", default="val", help="split of --data to evaluate")
     g.add_argument("--real", nargs="+", default=None, help="folder(s) or files of real images (read directly, recursive)")
     g.add_argument("--fake", nargs="+", default=None, help="folder(s) or files of fake images (read directly, recursive)")
@@ -110,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
         if args.data is not None:
             spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
-                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers)
+                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
+                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
             s, items = score_shards(model, spec, need_items=args.robustness)
             skipped: List[dict] = []
             source = {"data": str(args.data), "split": args.split, "backend": spec.backend}

@@ -32,7 +32,7 @@ import argparse
 import logging
 from typing import List, Optional
 
-from model import MIN_IMAGE_SIZE, list_models
+from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
 from pipeline.augment.config import PRESETS
 from pipeline.data.contract import BACKEND_CHOICES
 from pipeline.training.config import LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, TrainConfig
@@ -52,7 +52,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                "(`accelerate launch --cpu` alone starts one process).",
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="pack output folder of deepfake-pack (with manifest.json, train and val splits)")
+    g.add_argument("--data", required=True,
+                   help="a deepfake-pack output (with manifest.json: train and val splits): a local folder or a URL "
+                        "(s3://bucket/prefix, https://host/prefix, gs://..., file://...; streamed through fsspec), or a "
+                        "local shard pattern of the train split (/data/train-{000000..000009}.tar, then --val-data too)")
+    g.add_argument("--val-data", default=None,
+                   help="where the validation split is, when not the 'val' split of --data (needed when --data is a pattern)")
+    g.add_argument("--storage-options", default=None, metavar="JSON",
+                   help='fsspec options for URLs, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\' (credentials come the '
+                        "usual way: environment, ~/.aws); also connect_timeout/read_timeout (s) and attempts")
+    g.add_argument("--cache-dir", default=None,
+                   help="local folder for remote shards: downloaded once, verified against the manifest, read from disk "
+                        "from then on (torch backend: without it shards are streamed every epoch; DALI always downloads, "
+                        "by default to ~/.cache/deepfake-pipeline)")
+    g.add_argument("--verify-data", action="store_true",
+                   help="hash every shard against its manifest SHA-256 before training (reads the data once more); "
+                        "without it each sample's bytes, label and count are still checked as they are read")
     g.add_argument("--backend", default=d["backend"].default, choices=BACKEND_CHOICES,
                    help="loader backend: dali (nvJPEG + GPU ops; CPU pipeline without CUDA), torch (shard stream + "
                         "DataLoader workers; augments on the GPU, or in the workers on a CPU), or auto (default: dali "
@@ -60,7 +75,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=d["workers"].default, help="loader worker processes per rank (torch backend) / DALI threads")
     g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
                    help="training augmentation preset (pipeline.augment.config.AugConfig): none, seed (the original's), robust (+blur, JPEG)")
-    g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px (>= {MIN_IMAGE_SIZE})")
+    g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px ({MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE})")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d["model"].default, help=f"model variant (model.create_model): {', '.join(list_models())}")
     g = p.add_argument_group("optim")

@@ -27,7 +27,7 @@ import hashlib
 import importlib.util
 import math
 from dataclasses import dataclass
-from typing import List, NamedTuple, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -86,6 +86,10 @@ class LoaderSpec:
         rank / world_size: this process and the number of processes sharing the split.
         seed: seed of order and augmentation; the same on every rank.
         num_workers: worker processes (torch backend) or threads (DALI) per rank.
+        storage_options: fsspec options for a pack output URL (`shard_tools.storage`).
+        cache_dir: local folder for remote shards: the torch backend downloads each shard there once
+            (verified) instead of streaming it every epoch; DALI, which reads local files only,
+            always downloads remote shards (here, or in `default_cache_dir`).
     """
 
     data: str
@@ -100,6 +104,8 @@ class LoaderSpec:
     world_size: int = 1
     seed: int = 0
     num_workers: int = 2
+    storage_options: Optional[dict] = None
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
-from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
+from pipeline.data.shards import DataError, ShardSet, default_cache_dir, localize
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ class DaliLoader:
     """
 
     def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+        if shardset.remote:  # DALI reads local files: fetch the split once, verified, into the cache
+            shardset = localize(shardset, spec.cache_dir or default_cache_dir(), progress=spec.rank == 0)
         self.spec, self.shardset = spec, shardset
         sizes = shardset.shard_sizes or [None] * len(shardset.shards)
         try:
@@ -208,8 +210,7 @@ class DaliLoader:
 
     # -- errors -------------------------------------------------------------------------------
     def _hint(self) -> str:
-        root = self.shardset.root if self.shardset.root is not None else "OUT"
-        return VERIFY_HINT.format(root=root)
+        return self.shardset.hint()
 
     def _data_error(self, err: RuntimeError) -> Exception:
         """DALI's deep error about the data -> one line naming the shard (or shard list) and the fix.

@@ -37,5 +37,6 @@ def build_loader(spec: LoaderSpec):
     except ImportError as e:
         raise ValueError(f"--backend {spec.backend}: cannot be imported ({e}); install what it needs "
                          "(nvidia-dali-cuda120 for dali) or use --backend torch") from e
-    shardset = resolve_shards(spec.data, spec.split, need_index=spec.backend == "dali")
+    shardset = resolve_shards(spec.data, spec.split, need_index=spec.backend == "dali",
+                              storage_options=spec.storage_options)
     return cls(spec, shardset)

@@ -1,23 +1,38 @@
-"""Where a split's shards are: a pack output folder (its manifest) or a shard URL/brace pattern.
+"""Where a split's shards are: a pack output (its manifest, local or at a URL) or a local shard pattern.
 
 Both loader backends start here, so a missing manifest, shard or index file gives the same clear
 error whichever backend runs.
+
+* A pack output folder or URL (``s3://bucket/faces-v1``, ``https://host/faces-v1``, ``file://...``):
+  its ``manifest.json`` is read (through fsspec for URLs, `shard_tools.storage`) and checked against
+  a schema once (`check_manifest`: one message naming the field); it gives the shard names, sample
+  counts, byte sizes and SHA-256 of every split. Local shards are checked to exist as regular files
+  with the listed size (a FIFO would block ``open`` forever); remote ones are checked when read.
+* A local brace pattern (``/data/train-{000000..000009}.tar``) names ONE split: file names that start
+  with another split's name (``val`` asked, ``train-000000.tar`` given) are refused, and so is a
+  pattern inside a folder that an interrupted pack left without a manifest. Sample counts are
+  then counted from the tar headers by the torch backend.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
+from tqdm import tqdm
+
+from shard_tools import storage
 from shard_tools.format import MANIFEST, is_remote
 
 logger = logging.getLogger(__name__)
 
-
-
 VERIFY_HINT = "run `deepfake-inspect {root} --verify` to check the pack output, or re-run `deepfake-pack`"
+SPLIT_NAMES = ("train", "val", "test")
 
 
 class DataError(RuntimeError):
@@ -30,94 +45,250 @@ class ShardSet:
 
     Attributes:
         split: split name (``train`` or ``val``).
-        shards: local paths or URLs (``pipe:...``, ``s3://...``), in manifest order.
-        indexes: DALI ``.idx`` paths parallel to ``shards``, or None when unknown (URL patterns).
-        shard_sizes: samples per shard, or None when unknown.
-        root: the pack output folder, or None for URL patterns.
+        shards: local paths or URLs, in manifest order.
+        indexes: DALI ``.idx`` paths or URLs parallel to ``shards``, or None when unknown.
+        shard_sizes: samples per shard (manifest), or None for a pattern.
+        shard_bytes / shard_sha256: per shard from the manifest, or None.
+        root: the pack output folder or URL, or None for a pattern.
+        storage_options: fsspec options for URLs (`shard_tools.storage`).
     """
 
     split: str
     shards: List[str]
     indexes: Optional[List[str]] = None
     shard_sizes: Optional[List[int]] = None
-    root: Optional[Path] = None
+    shard_bytes: Optional[List[Optional[int]]] = None
+    shard_sha256: Optional[List[Optional[str]]] = None
+    root: Optional[str] = None
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> Optional[int]:
         return sum(self.shard_sizes) if self.shard_sizes is not None else None
 
+    @property
+    def remote(self) -> bool:
+        return any(is_remote(s) for s in self.shards)
 
-def load_manifest(root: Union[str, Path]) -> dict:
-    """Read ``root/manifest.json``; raise DataError naming what is wrong."""
-    root = Path(root)
+    def hint(self) -> str:
+        return VERIFY_HINT.format(root=self.root or (Path(self.shards[0]).parent if self.shards else "OUT"))
+
+
+def _field(where: str, cond: bool, what: str) -> None:
+    if not cond:
+        raise DataError(f"{where}: {what}; not a deepfake-pack manifest, or a damaged one (re-run deepfake-pack)")
+
+
+def _nonneg_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_shard_entry(path: str, split: str, i: int, entry: Any) -> None:
+    where = f"{path}: splits.{split}.shards[{i}]"
+    _field(where, isinstance(entry, dict), "expected an object")
+    name = entry.get("name")
+    _field(f"{where}.name", isinstance(name, str) and name.endswith(".tar"), f"expected a .tar file name, got {name!r}")
+    _field(f"{where}.name", "/" not in name and "\\" not in name and not name.startswith("."),
+           f"{name!r} is not a plain file name inside the pack output")
+    _field(f"{where}.num_samples", _nonneg_int(entry.get("num_samples")),
+           f"expected a whole number >= 0, got {entry.get('num_samples')!r}")
+    if entry.get("bytes") is not None:
+        _field(f"{where}.bytes", _nonneg_int(entry["bytes"]), f"expected a whole number >= 0, got {entry['bytes']!r}")
+    if entry.get("sha256") is not None:
+        sha = entry["sha256"]
+        _field(f"{where}.sha256", isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+               "expected 64 lower-case hex digits")
+    index = entry.get("index")
+    if index is not None:
+        _field(f"{where}.index", isinstance(index, str) and "/" not in index and not index.startswith("."),
+               f"{index!r} is not a plain file name inside the pack output")
+
+
+def check_manifest(manifest: Any, path: str) -> dict:
+    """Validate the parts of a manifest the loaders use; DataError naming the first bad field."""
+    _field(path, isinstance(manifest, dict), f"expected a JSON object, got {type(manifest).__name__}")
+    splits = manifest.get("splits")
+    _field(f"{path}: splits", isinstance(splits, dict), f"expected an object of splits, got {type(splits).__name__}")
+    for split, info in splits.items():
+        _field(f"{path}: splits.{split}", isinstance(info, dict), "expected an object")
+        shards = info.get("shards", [])
+        _field(f"{path}: splits.{split}.shards", isinstance(shards, list), "expected a list")
+        for i, entry in enumerate(shards):
+            _check_shard_entry(path, split, i, entry)
+        if "num_samples" in info:
+            total = sum(e["num_samples"] for e in shards)
+            _field(f"{path}: splits.{split}.num_samples", info["num_samples"] == total,
+                   f"{info['num_samples']!r} but its shards hold {total}")
+    return manifest
+
+
+def _regular_file(path: str, what: str, hint: str) -> int:
+    """Size of ``path``; DataError unless it is a regular file (a FIFO or device would block or lie)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"{what} {path} is missing or unreadable ({e.strerror}); {hint}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{what} {path} is not a regular file (a FIFO, device or folder); {hint}")
+    return st.st_size
+
+
+def load_manifest(root: Union[str, Path], storage_options: Optional[dict] = None) -> dict:
+    """Read and check ``root/manifest.json`` (local folder or URL); raise DataError naming what is wrong."""
+    text = str(root)
+    if is_remote(text):
+        path = storage.join(text, MANIFEST)
+        try:
+            return check_manifest(storage.read_json(path, storage_options=storage_options), path)
+        except storage.StorageError as e:
+            if e.kind == "not-found":
+                raise DataError(f"{path} is missing: {text} is not a complete pack output (an interrupted pack "
+                                f"leaves no manifest); re-run `deepfake-pack --out {text}`") from None
+            raise DataError(str(e)) from None
+    root = Path(text)
     if not root.exists():
         raise DataError(f"{root}: no such pack output folder")
     if not root.is_dir():
         raise DataError(f"{root}: expected a pack output folder (with {MANIFEST}), got a file")
     path = root / MANIFEST
     if not path.exists():
-        raise DataError(
-            f"{path} is missing: {root} is not a complete pack output (an interrupted pack leaves no "
-            f"manifest); re-run `deepfake-pack --out {root}` to rebuild it"
-        )
+        raise DataError(f"{path} is missing: {root} is not a complete pack output (an interrupted pack leaves no "
+                        f"manifest); re-run `deepfake-pack --out {root}` to rebuild it")
+    _regular_file(str(path), "manifest", VERIFY_HINT.format(root=root))
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes())
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read the manifest ({e}); " + VERIFY_HINT.format(root=root)) from e
-    if not isinstance(manifest, dict) or "splits" not in manifest:
-        raise DataError(f"{path}: not a deepfake-pack manifest (no 'splits' key)")
-    return manifest
+        raise DataError(f"{path}: cannot read the manifest ({e}); " + VERIFY_HINT.format(root=root)) from None
+    return check_manifest(manifest, str(path))
 
 
-def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = False) -> ShardSet:
-    """Resolve ``data`` to the shards of ``split``.
+def _pattern(text: str, split: str, need_index: bool) -> ShardSet:
+    import braceexpand
 
-    ``data`` is a pack output folder, or a shard pattern such as ``/data/train-{000000..000007}.tar``
-    or ``pipe:curl -s https://host/train-{000000..000007}.tar`` (brace-expanded; the split is then
-    whatever the pattern names). ``need_index`` makes a missing ``.idx`` file an error (DALI).
+    shards = list(braceexpand.braceexpand(text))
+    hint = f"pass the pack output folder instead of a pattern, or check {text}"
+    for s in shards:
+        _regular_file(s, "shard", hint)
+        other = next((n for n in SPLIT_NAMES if n != split and Path(s).name.startswith(f"{n}-")), None)
+        if other is not None:
+            raise DataError(f"shard pattern {text} names the {other!r} split ({Path(s).name}), not {split!r}: "
+                            f"a pattern is one split; give the {split} shards explicitly")
+    for folder in sorted({Path(s).parent for s in shards}):
+        if not (folder / MANIFEST).exists() and any(folder.glob(".tmp-*")):
+            raise DataError(f"{folder} holds an interrupted deepfake-pack output (temp files, no {MANIFEST}); "
+                            f"re-run deepfake-pack, then pass the folder")
+    indexes = [str(Path(s).with_suffix(".idx")) for s in shards]
+    if not all(Path(c).is_file() for c in indexes):
+        if need_index:
+            raise DataError(f"no DALI index (.idx beside each .tar) for {text}: make them with "
+                            "`wds2idx SHARD.tar SHARD.idx`, or pass a pack output folder")
+        indexes = None
+    return ShardSet(split=split, shards=shards, indexes=indexes)
+
+
+def is_pattern(data: Union[str, Path]) -> bool:
+    """True for a local shard pattern or file (one split), False for a pack output folder or URL."""
+    text = str(data)
+    return not is_remote(text) and ("{" in text or text.endswith(".tar")) and not Path(text).is_dir()
+
+
+def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = False,
+                   storage_options: Optional[dict] = None) -> ShardSet:
+    """Resolve ``data`` (a pack output folder or URL, or a local brace pattern) to the shards of ``split``.
+
+    ``need_index`` makes a missing ``.idx`` file an error (DALI). URLs are checked when read.
     """
     text = str(data)
-    is_pattern = "{" in text or text.startswith(("pipe:", "s3://", "gs://", "http://", "https://")) or text.endswith(".tar")
-    if is_pattern and not Path(text).is_dir():
-        import braceexpand
-
-        shards = list(braceexpand.braceexpand(text))
-        local = [s for s in shards if not is_remote(s)]
-        for s in local:
-            if not Path(s).exists():
-                raise DataError(f"shard {s} does not exist (from pattern {text})")
-        indexes = None
-        if local and len(local) == len(shards):
-            cand = [str(Path(s).with_suffix(".idx")) for s in shards]
-            if all(Path(c).exists() for c in cand):
-                indexes = cand
-        if need_index and indexes is None:
-            raise DataError(
-                f"no DALI index (.idx beside each .tar) for {text}: make them with `wds2idx SHARD.tar SHARD.idx`, "
-                "or pass a pack output folder"
-            )
-        return ShardSet(split=split, shards=shards, indexes=indexes)
-
-    root = Path(text)
-    manifest = load_manifest(root)
+    if text.startswith("pipe:"):
+        raise DataError(f"{text}: `pipe:` commands are not read; pass the pack output URL (s3://..., https://...) "
+                        "and the shards are streamed through fsspec")
+    remote = is_remote(text)
+    if is_pattern(text):
+        return _pattern(text, split, need_index)
+    manifest = load_manifest(text, storage_options)
+    root = text.rstrip("/") if remote else text
     splits = manifest["splits"]
     if split not in splits or not splits[split].get("shards"):
         have = ", ".join(sorted(k for k, v in splits.items() if v.get("shards"))) or "none"
-        raise DataError(f"{root / MANIFEST}: no {split!r} split in this pack output (splits with shards: {have})")
+        raise DataError(f"{storage.join(root, MANIFEST)}: no {split!r} split in this pack output "
+                        f"(splits with shards: {have})")
+    hint = VERIFY_HINT.format(root=root)
+    shards, indexes = [], []
     entries = splits[split]["shards"]
-    shards, indexes, sizes = [], [], []
     for entry in entries:
-        tar = root / entry["name"]
-        if not tar.exists():
-            raise DataError(f"shard {tar} listed in the manifest is missing; " + VERIFY_HINT.format(root=root))
-        want, have = entry.get("bytes"), tar.stat().st_size
-        if want is not None and int(want) != have:
-            raise DataError(f"shard {tar} is {have} bytes but the manifest says {want}: truncated or replaced; "
-                            + VERIFY_HINT.format(root=root))
-        shards.append(str(tar))
-        sizes.append(int(entry["num_samples"]))
-        idx = root / entry["index"] if entry.get("index") else tar.with_suffix(".idx")
-        if need_index and not idx.exists():
-            raise DataError(f"DALI index {idx} for shard {tar} is missing; " + VERIFY_HINT.format(root=root))
-        indexes.append(str(idx))
-    return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=sizes, root=root)
+        tar = storage.join(root, entry["name"])
+        index = storage.join(root, entry.get("index") or entry["name"][:-4] + ".idx")
+        if not remote:
+            have = _regular_file(tar, "shard", hint)
+            if entry.get("bytes") is not None and entry["bytes"] != have:
+                raise DataError(f"shard {tar} is {have} bytes but the manifest says {entry['bytes']}: truncated or "
+                                f"replaced; {hint}")
+            if need_index:
+                _regular_file(index, "DALI index", hint)
+        shards.append(tar)
+        indexes.append(index)
+    return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=[e["num_samples"] for e in entries],
+                    shard_bytes=[e.get("bytes") for e in entries], shard_sha256=[e.get("sha256") for e in entries],
+                    root=root, storage_options=dict(storage_options or {}))
+
+
+def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:
+    """Hash every shard of ``shardset`` against its manifest SHA-256 (`--verify-data`): full bytes,
+    so it reads the whole split once; DataError naming the first shard that differs."""
+    if shardset.shard_sha256 is None:
+        raise DataError(f"--verify-data needs a pack output with a manifest (SHA-256 per shard), not {shardset.shards[0]}")
+    for shard, want in tqdm(list(zip(shardset.shards, shardset.shard_sha256)), desc=f"verify {shardset.split}",
+                            unit="shard", disable=not progress):
+        if want is None:
+            continue
+        digest = hashlib.sha256()
+        try:
+            with storage.open_url(shard, storage_options=shardset.storage_options) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except storage.StorageError as e:
+            raise DataError(str(e)) from None
+        if digest.hexdigest() != want:
+            raise DataError(f"shard {shard}: SHA-256 {digest.hexdigest()[:16]}... differs from the manifest's "
+                            f"{want[:16]}...: corrupt or replaced; {shardset.hint()}")
+
+
+def default_cache_dir() -> str:
+    """Where remote shards are cached when no ``--cache-dir`` is given: ``$DEEPFAKE_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/deepfake-pipeline`` (``~/.cache/deepfake-pipeline``)."""
+    if os.environ.get("DEEPFAKE_CACHE_DIR"):
+        return os.environ["DEEPFAKE_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "deepfake-pipeline")
+
+
+def localize(shardset: ShardSet, cache_dir: str, *, workers: int = 8, progress: bool = True) -> ShardSet:
+    """Download a remote split's shards and ``.idx`` files into ``cache_dir/<hash of the pack URL>/``
+    (in parallel; each checked against the manifest's size and SHA-256 before it gets its final
+    name, and reused on later runs when it is there whole); returns the same split on local paths."""
+    import concurrent.futures
+
+    if not shardset.remote:
+        return shardset
+    folder = Path(cache_dir) / hashlib.sha256(str(shardset.root).encode()).hexdigest()[:16]
+    jobs = [(url, nbytes, sha) for url, nbytes, sha in zip(shardset.shards, shardset.shard_bytes or [None] * len(
+        shardset.shards), shardset.shard_sha256 or [None] * len(shardset.shards))]
+    jobs += [(url, None, None) for url in shardset.indexes or []]
+    logger.info("downloading %d shards and %d index files of %s to %s (DALI reads local files)",
+                len(shardset.shards), len(shardset.indexes or []), shardset.root, folder)
+
+    def fetch(job) -> str:
+        url, nbytes, sha = job
+        return str(storage.download_verified(url, folder, size=nbytes, sha256=sha,
+                                             storage_options=shardset.storage_options))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            paths = list(tqdm(pool.map(fetch, jobs), total=len(jobs), desc="download", unit="file",
+                              disable=not progress))
+    except storage.StorageError as e:
+        raise DataError(f"{e}; {shardset.hint()}") from None
+    n = len(shardset.shards)
+    return ShardSet(split=shardset.split, shards=paths[:n], indexes=paths[n:] or None,
+                    shard_sizes=shardset.shard_sizes, shard_bytes=shardset.shard_bytes,
+                    shard_sha256=shardset.shard_sha256, root=str(folder))

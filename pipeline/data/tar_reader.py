@@ -125,6 +125,31 @@ def iter_samples(path: Union[str, "os.PathLike[str]"], start: int = 0, stop: Opt
         buf.close()
 
 
+def iter_stream_samples(fileobj, url: str, start: int = 0, stop: Optional[int] = None) -> Iterator[dict]:
+    """Samples ``[start, stop)`` of a tar read from a stream (a remote object opened through fsspec),
+    with webdataset's own tar iterator and key grouping: the same sample dicts as `iter_samples`.
+    Raises TarFormatError naming ``url`` for a stream that is not a readable tar."""
+    import tarfile
+
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    def members():
+        for item in tar_file_iterator(fileobj):
+            item["__url__"] = url
+            yield item
+
+    index = 0
+    try:
+        for sample in group_by_keys(members()):
+            if stop is not None and index >= stop:
+                return
+            if index >= start:
+                yield sample
+            index += 1
+    except (tarfile.TarError, ValueError) as e:
+        raise TarFormatError(f"{url}: cannot read it as a tar stream after {index} samples ({e})") from None
+
+
 def iter_members(path: Union[str, "os.PathLike[str]"]) -> Iterator[Tuple[str, str, int, int]]:
     """``(key, ext, data offset, size)`` of each member of a local tar shard that belongs to a sample,
     in archive order, grouped by the same rules as `iter_samples` (extension lower-cased), from the

@@ -42,9 +42,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -58,39 +57,14 @@ from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from pipeline.data import tar_reader
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.sample_source import Piece, SampleSource, check_sample, plan_pieces
 from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
-from pipeline.data.tar_reader import TarFormatError, iter_samples
-from shard_tools.format import IMAGE_EXTS, is_remote
+from pipeline.data.tar_reader import TarFormatError
 
 logger = logging.getLogger(__name__)
 
 
 SHUFFLE_BUFFER = 1000  # samples, held as encoded bytes (~10 KB each for 256 px JPEG faces)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Samples ``[start, stop)`` of one shard, ``size`` samples in all."""
-
-    url: str
-    start: int
-    stop: int
-    size: int
-
-
-def plan_pieces(shards: Sequence[str], sizes: Sequence[int], order: Sequence[int], lo: int, hi: int) -> List[Piece]:
-    """The pieces covering samples ``[lo, hi)`` of the shards concatenated in ``order``."""
-    pieces, offset = [], 0
-    for i in order:
-        a, b = max(lo, offset), min(hi, offset + sizes[i])
-        if a < b:
-            pieces.append(Piece(shards[i], a - offset, b - offset, sizes[i]))
-        offset += sizes[i]
-    return pieces
-
-
-def _hint(url: str, root: Optional[Path]) -> str:
-    return VERIFY_HINT.format(root=root if root is not None else Path(url).parent)
 
 
 class _Failure:
@@ -113,11 +87,11 @@ class _ShardStream(IterableDataset):
     drawn parameters (a [N, K] float64 tensor, `pipeline.augment.params.params_to_tensor`) for the device.
     """
 
-    def __init__(self, shards: List[str], sizes: List[int], *, root: Optional[Path], image_size: int,
+    def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
                  batch_size: int, train: bool, aug: AugConfig, finish: bool, seed: int, epoch: int, rank: int,
                  world_size: int) -> None:
         super().__init__()
-        self.shards, self.sizes, self.root = shards, sizes, root
+        self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.finish = aug, finish
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
@@ -129,45 +103,26 @@ class _ShardStream(IterableDataset):
         n = sum(self.sizes)
         lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
         wlo, whi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
-        return plan_pieces(self.shards, self.sizes, order, wlo, whi)
+        return plan_pieces(self.shards, self.sizes, order, wlo, whi, self.shardset.shard_bytes,
+                           self.shardset.shard_sha256)
 
     def read_pieces(self, pieces: Iterator[dict]) -> Iterator[dict]:
-        """Raw samples of each piece; a short or unreadable shard raises DataError naming it."""
+        """Checked raw samples of each piece (`pipeline.data.sample_source`)."""
         for item in pieces:
-            piece: Piece = item["piece"]
-            index = piece.start
-            try:
-                for sample in iter_samples(piece.url, piece.start, piece.stop):
-                    yield sample
-                    index += 1
-            except (TarFormatError, OSError) as exn:
-                where = "cannot open it" if isinstance(exn, OSError) else f"cannot read sample {index}"
-                raise DataError(f"shard {piece.url}: {where} ({exn}): missing, truncated or corrupt; "
-                                + _hint(piece.url, self.root)) from None
-            if index < piece.stop:
-                raise DataError(f"shard {piece.url} ends after {index} samples but should hold {piece.size}: "
-                                "truncated or replaced; " + _hint(piece.url, self.root))
+            yield from self.source.samples(item["piece"])
 
     def decode(self, sample: dict) -> Tuple[np.ndarray, int, str]:
         key, url = sample["__key__"], sample.get("__url__", "?")
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        members = sorted(k for k in sample if not k.startswith("__"))
-        if ext is None:
-            raise DataError(f"shard {url}: sample {key} has no image member (.jpg/.png/.webp; it has "
-                            f"{', '.join(members) or 'nothing'}); " + _hint(url, self.root))
-        cls = sample.get("cls")
-        if cls is None or cls.strip() not in (b"0", b"1"):
-            raise DataError(f"shard {url}: sample {key}.cls is {cls!r}, expected ASCII 0 (real) or 1 (fake); "
-                            + _hint(url, self.root))
+        ext, label = check_sample(sample, self.source.hint)
         try:
             image = uint8_ops.decode(sample[ext]) if sample[ext] else None
         except cv2.error as exn:
             raise DataError(f"shard {url}: cannot decode {key}.{ext} (OpenCV: {str(exn).strip()}); "
-                            + _hint(url, self.root)) from None
+                            + self.source.hint) from None
         if image is None:
             raise DataError(f"shard {url}: cannot decode {key}.{ext} ({len(sample[ext])} bytes: not a readable "
-                            "JPEG/PNG/WebP); " + _hint(url, self.root))
-        return image, int(cls.strip()), key
+                            "JPEG/PNG/WebP); " + self.source.hint)
+        return image, label, key
 
     def process(self, samples: List[dict], generator: torch.Generator) -> tuple:
         """Decode one batch of raw samples into a new uint8 [N, S, S, 3] batch (shared memory in a worker)."""
@@ -216,18 +171,13 @@ def count_samples(shard: str) -> int:
     try:
         return tar_reader.count_samples(shard)
     except (OSError, TarFormatError) as exn:
-        raise DataError(f"shard {shard}: cannot read it as a tar ({exn}); " + _hint(shard, None)) from None
+        raise DataError(f"shard {shard}: cannot read it as a tar ({exn}); "
+                        + VERIFY_HINT.format(root=Path(shard).parent)) from None
 
 
 def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
     if shardset.shard_sizes is not None:  # from the manifest (resolve_shards checked each tar's size)
         return list(shardset.shard_sizes)
-    remote = [s for s in shardset.shards if is_remote(s)]
-    if remote:
-        raise DataError(
-            f"{data}: the torch backend needs the sample count of every shard to give each rank equal steps, "
-            f"and {remote[0]} is remote; pass a pack output folder (manifest.json) or local .tar shards"
-        )
     logger.info("counting samples in %d shards of %s (no manifest)", len(shardset.shards), data)
     return [count_samples(s) for s in shardset.shards]
 
@@ -239,7 +189,8 @@ class TorchLoader:
         self.spec, self.shardset = spec, shardset
         self.shards = list(shardset.shards)
         self.sizes = _shard_sizes(spec.data, shardset)
-        self.root = shardset.root
+        self.source = SampleSource(hint=shardset.hint(), storage_options=shardset.storage_options,
+                                   cache_dir=spec.cache_dir)
         self.device = spec.device
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
@@ -265,7 +216,7 @@ class TorchLoader:
 
     def _batches(self, epoch: int) -> Iterator[tuple]:
         """uint8 batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval."""
-        stream = _ShardStream(self.shards, self.sizes, root=self.root, image_size=self.image_size,
+        stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
                               batch_size=self.batch_size, train=self.train, aug=self.aug,
                               finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
                               world_size=self.world_size)
@@ -291,7 +242,7 @@ class TorchLoader:
                     return
         if seen != self.own:
             raise DataError(f"rank {self.rank} read {seen} samples of {self.shards[0]}...; the shards should "
-                            f"give it {self.own}; " + _hint(self.shards[0], self.root))
+                            f"give it {self.own}; " + self.source.hint)
         if self.train:  # cannot happen when the counts are right: own // batch_size >= steps
             raise DataError(f"rank {self.rank} ran out of samples after {emitted} of {self.steps} batches")
         pad = self.padded - seen

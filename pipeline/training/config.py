@@ -9,7 +9,9 @@ from typing import Any, Dict, Optional
 
 from model import MIN_IMAGE_SIZE, list_models
 from pipeline.augment.config import PRESETS
-from pipeline.data.contract import BACKEND_CHOICES
+from pipeline.data.contract import BACKEND_CHOICES, check_image_size
+from pipeline.data.shards import is_pattern
+from shard_tools.storage import parse_storage_options
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -32,6 +34,10 @@ class TrainConfig:
 
     data: str
     out: str
+    val_data: Optional[str] = None
+    storage_options: Optional[str] = None
+    cache_dir: Optional[str] = None
+    verify_data: bool = False
     model: str = "deepfakenet_base"
     image_size: int = 224
     epochs: int = 10
@@ -65,6 +71,12 @@ class TrainConfig:
                 raise ValueError(f"--{flag} {value}: must be >= {low}")
 
         choice("model", self.model, list_models())
+        check_image_size(self.image_size)
+        if self.storage_options is not None:
+            parse_storage_options(self.storage_options)
+        if is_pattern(self.data) and self.val_data is None:
+            raise ValueError(f"--data {self.data}: a shard pattern is one split; give the validation shards with "
+                             "--val-data (a pack output folder gives both)")
         choice("optimizer", self.optimizer, OPTIMIZERS)
         choice("loss", self.loss, LOSSES)
         choice("schedule", self.schedule, SCHEDULES)

@@ -14,7 +14,7 @@ from model import count_params, create_model
 from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
-from pipeline.data.shards import DataError
+from pipeline.data.shards import DataError, verify_shards
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
 from pipeline.training.epoch import evaluate, train_epoch
 from pipeline.training.optim import build_optimizer, build_scheduler
@@ -30,6 +30,7 @@ from pipeline.training.rundir import (
     write_metrics_csv,
 )
 from shard_tools.fsutil import atomic_write_json
+from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.train")
 
@@ -44,9 +45,13 @@ class _Setup:
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug,
-                          rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers)
+                          rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
+                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir)
         self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(split="val", train=False, aug="none"))
+        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug="none"))
+        if cfg.verify_data:
+            for loader in (self.train_loader, self.val_loader):
+                verify_shards(loader.shardset, progress=accelerator.is_main_process)
         self.backend = spec.backend
         steps = len(self.train_loader)
         if cfg.max_steps:
