@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -265,3 +267,14 @@ def test_warns_when_classes_differ_in_format_or_size(tmp_path: Path, caplog):
     warnings = json.loads((out / "manifest.json").read_text())["warnings"]
     assert any("differ in format" in w for w in warnings) and any("differ in image size" in w for w in warnings)
     assert "shortcut" in caplog.text
+
+
+def test_outputs_get_the_mode_open_would_give(tmp_path: Path):
+    real, fake = make_image_dirs(tmp_path / "in", n_real=4, n_fake=4)
+    old = os.umask(0o027)
+    try:
+        out = pack_dirs(real, fake, tmp_path / "out", "--min-shards", "1")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert {n for n in modes if n.endswith(".idx")} and set(modes.values()) == {0o640}, modes
