@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -278,3 +279,64 @@ def test_outputs_get_the_mode_open_would_give(tmp_path: Path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert {n for n in modes if n.endswith(".idx")} and set(modes.values()) == {0o640}, modes
+
+
+def camera_files(folder: Path, rng) -> dict:
+    """MPO, TIFF and (where Pillow writes it) AVIF files; returns {name: expected normalized}."""
+    from PIL import Image, features
+
+    a, b = make_face(rng, 40), make_face(rng, 40)
+    Image.fromarray(a).save(folder / "stereo.mpo", format="MPO", save_all=True, append_images=[Image.fromarray(b)],
+                            quality=90)
+    Image.fromarray(make_face(rng, 40)).save(folder / "scan.tif", format="TIFF")
+    expect = {"stereo.mpo": "mpo-first-frame", "scan.tif": "tiff"}
+    if features.check("avif"):
+        Image.fromarray(make_face(rng, 40)).save(folder / "phone.avif", format="AVIF")
+        expect["phone.avif"] = "avif"
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)
+    (folder / "phone.heic").write_bytes(heic)
+    return expect
+
+
+def test_camera_and_phone_formats_are_packed(tmp_path: Path):
+    import cv2
+    from PIL import Image
+
+    from shard_tools.imageio import load_rgb
+
+    real, fake = make_image_dirs(tmp_path / "in", n_real=4, n_fake=4, size=40)
+    expect = camera_files(real, np.random.default_rng(8))
+    out = pack_dirs(real, fake, tmp_path / "out", "--min-shards", "1", "--val-fraction", "0")
+    m = json.loads((out / "manifest.json").read_text())
+    (heic,) = [s for s in m["skipped"] if s["path"].endswith("phone.heic")]
+    assert heic["reason"] == "unsupported-format" and "no decoder" in heic["detail"]
+    got = {}
+    for s in read_back(out, "train"):
+        meta = json.loads(s["json"])
+        if meta["source"] in expect:
+            got[meta["source"]] = (meta["normalized"], s)
+    assert {k: v[0] for k, v in got.items()} == expect
+    norm, s = got["stereo.mpo"]
+    jpg = s["jpg"]  # the first image's own JPEG stream, not a re-encoding
+    assert Image.open(io.BytesIO(jpg)).format == "JPEG" and len(jpg) < (real / "stereo.mpo").stat().st_size
+    want = load_rgb(real / "stereo.mpo")  # PIL: frame 0 of the MPO file
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")), want)
+    assert np.array_equal(cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), want)
+    assert np.array_equal(dali_cpu_decode(jpg), want)
+    assert json.loads(s["json"])["format"] == "jpeg"
+    for name in set(expect) - {"stereo.mpo"}:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[name][1]["png"]))), load_rgb(real / name))
+
+
+def dali_cpu_decode(data: bytes) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        return fn.decoders.image(fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True),
+                                 device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (images,) = p.run()
+    return np.asarray(images[0])
