@@ -24,6 +24,8 @@ Policy (what every loader later gets is upright 8-bit RGB):
   against DALI's CPU decoder (libjpeg-turbo): it fails on exactly the truncated JPEGs PIL rejects here and
   decodes, like PIL, JPEGs with bytes after the end marker or with corrupt entropy data (libjpeg warns and
   fills), so those are kept as they are.
+* JPEG sources (JPEG, MPO) get ``ImageInfo.jpeg_quality``, estimated from their quantisation tables
+  (``shard_tools.jpeg.estimate_quality``).
 
 Skip reasons (``BadImage.reason``, a fixed vocabulary, see ``REASONS``): ``missing``, ``broken-symlink``,
 ``not-a-file`` (directory, FIFO, socket, device), ``unreadable`` (permissions, I/O error), ``zero-byte``,
@@ -46,7 +48,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from shard_tools.jpeg import mpo_first_image
+from shard_tools.jpeg import estimate_quality, mpo_first_image
 
 with contextlib.suppress(ImportError):  # HEIF/HEIC only where its decoder is installed; never required
     from pillow_heif import register_heif_opener
@@ -90,7 +92,8 @@ class BadImage(Exception):
 class ImageInfo:
     """What ``inspect_file`` learned: ``normalized`` is None when the original bytes are kept, else why not.
 
-    ``width``/``height`` are those of the stored (upright) image; ``ext`` the tar member extension.
+    ``width``/``height`` are those of the stored (upright) image; ``ext`` the tar member extension;
+    ``jpeg_quality`` the estimated quality of a JPEG source (None for other formats).
     """
 
     sha256: str
@@ -101,6 +104,7 @@ class ImageInfo:
     height: int
     normalized: Optional[str]
     ext: str
+    jpeg_quality: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -305,6 +309,7 @@ def _inspect(data: bytes, min_size: int, max_pixels: int, *, whole_mpo: bool = T
             sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), format="jpeg" if is_jpeg else im.format.lower(),
             mode=mode, width=w, height=h, normalized=reason,
             ext=ACCEPTED_FORMATS[im.format] if reason is None else "png",
+            jpeg_quality=estimate_quality(getattr(im, "quantization", None)) if is_jpeg else None,
         )
 
 

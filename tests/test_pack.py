@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 
 from conftest import make_face, make_image_dirs, pack_dirs, write_image
 from shard_tools.pack import main as pack_main
@@ -283,7 +284,7 @@ def test_outputs_get_the_mode_open_would_give(tmp_path: Path):
 
 def camera_files(folder: Path, rng) -> dict:
     """MPO, TIFF and (where Pillow writes it) AVIF files; returns {name: expected normalized}."""
-    from PIL import Image, features
+    from PIL import features
 
     a, b = make_face(rng, 40), make_face(rng, 40)
     Image.fromarray(a).save(folder / "stereo.mpo", format="MPO", save_all=True, append_images=[Image.fromarray(b)],
@@ -300,7 +301,6 @@ def camera_files(folder: Path, rng) -> dict:
 
 def test_camera_and_phone_formats_are_packed(tmp_path: Path):
     import cv2
-    from PIL import Image
 
     from shard_tools.imageio import load_rgb
 
@@ -340,3 +340,29 @@ def dali_cpu_decode(data: bytes) -> np.ndarray:
     p.build()
     (images,) = p.run()
     return np.asarray(images[0])
+
+
+@pytest.mark.parametrize("fake_quality,warned", [(75, True), (95, False)])
+def test_jpeg_quality_histogram_and_warning(tmp_path: Path, caplog, fake_quality, warned):
+    rng = np.random.default_rng(6)
+    for i in range(6):
+        write_image(tmp_path / "real" / f"r{i}.jpg", make_face(rng, 32), quality=95)
+        write_image(tmp_path / "fake" / f"f{i}.jpg", make_face(rng, 32, fake=True), quality=fake_quality)
+    out = pack_dirs(tmp_path / "real", tmp_path / "fake", tmp_path / "out", "--min-shards", "1")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["histograms"]["real"]["jpeg_quality"] == {"95": 6}
+    assert m["histograms"]["fake"]["jpeg_quality"] == {str(fake_quality): 6}
+    found = [w for w in m["warnings"] if "JPEG quality" in w]
+    assert bool(found) == warned and ("re-encode" in caplog.text) == warned
+    if warned:
+        assert "re-encode" in found[0] and "'95': 6" in found[0] and "'75': 6" in found[0]
+
+
+def test_jpeg_quality_estimate_recovers_the_encoder_setting():
+    from shard_tools.imageio import inspect_bytes
+
+    face = make_face(np.random.default_rng(2), 32)
+    for q in (10, 35, 50, 75, 90, 97, 100):
+        buf = io.BytesIO()
+        Image.fromarray(face).save(buf, "JPEG", quality=q)
+        assert inspect_bytes(buf.getvalue()).jpeg_quality == q
