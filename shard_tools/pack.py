@@ -41,7 +41,7 @@ from tqdm import tqdm
 from shard_tools import fsutil
 from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
 from shard_tools.format import CLASS_NAMES, MANIFEST
-from shard_tools.inputs import InputError, Skip, collect
+from shard_tools.inputs import InputError, Skip, collect, normalized_root
 from shard_tools.plan import SPLITS, Item, histograms, make_plan, shortcut_warnings
 from shard_tools.writer import ChangedInput, write_shard_task
 
@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                "upright RGB pixels (CMYK, 16-bit, alpha dropped, palette, BMP, EXIF-rotated). Skipped with a "
                "reason: zero-byte, not-an-image, unsupported-format (GIF, TIFF, ...), animated, truncated, "
                "corrupt, unsupported-mode, too-small, too-large, unreadable, broken-symlink, not-a-file, "
-               "missing, hidden, symlink-loop, bad-csv-row, label-conflict. Exact duplicates within a class "
+               "missing, hidden, symlink-loop, bad-csv-row, outside-root, label-conflict. Exact duplicates within a class "
                "are kept once and counted. Exit codes: 0 ok; 2 missing input, bad flag, nothing packed, "
                "--strict with any skip, or a complete output without --overwrite.")
     g = p.add_argument_group("data")
@@ -66,6 +66,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) of fake images (label 1), walked recursively")
     g.add_argument("--csv", default=None, metavar="FILE", help="CSV with rows image,label (REAL/FAKE any case, or 0/1; optional header)")
     g.add_argument("--images-root", default=None, metavar="DIR", help="folder the CSV image paths are relative to (None: the CSV's folder)")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="read CSV rows whose image is an absolute path or leaves --images-root via '..' (else skipped as outside-root)")
     g.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="skip images whose shorter side is below this (too-small)")
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this (too-large; decompression bombs)")
     g = p.add_argument_group("split and shards")
@@ -91,6 +93,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give at least one input: --real DIR, --fake DIR or --csv FILE")
     if args.images_root and not args.csv:
         p.error("--images-root needs --csv")
+    if args.allow_outside_root and not args.csv:
+        p.error("--allow-outside-root needs --csv")
 
 
 def _inspect(path: str, min_size: int, max_pixels: int):
@@ -132,14 +136,25 @@ def _summary(counts: dict, skips: List[Skip]) -> List[str]:
     return lines
 
 
+def _normalize_paths(args: argparse.Namespace) -> None:
+    """Input and output paths through ``os.path.normpath`` (manifest and shards never depend on the spelling)."""
+    args.real = [normalized_root("--real", r) for r in args.real]
+    args.fake = [normalized_root("--fake", r) for r in args.fake]
+    args.out = normalized_root("--out", args.out)
+    if args.csv is not None:
+        args.csv = normalized_root("--csv", args.csv)
+        args.images_root = normalized_root("--images-root", args.images_root or str(Path(args.csv).parent))
+
+
 def run(args: argparse.Namespace) -> int:
+    _normalize_paths(args)
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.overwrite:
         raise InputError(f"--out {out} already holds a complete pack output ({MANIFEST}); pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, expected a folder")
     t0 = time.time()
-    cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out)
+    cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out, args.allow_outside_root)
     logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
     workers = min(args.workers, max(1, len(cands)))
     pool = multiprocessing.Pool(workers) if workers > 1 else None
@@ -214,8 +229,7 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
-        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv,
-                   "images_root": None if args.csv is None else (args.images_root or str(Path(args.csv).parent))},
+        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},
         "counts": counts,
         "skipped": [s.to_dict() for s in skips],
         "duplicates": plan.duplicates,

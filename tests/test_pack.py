@@ -195,9 +195,12 @@ def test_csv_input(tmp_path: Path):
     root = tmp_path / "images"
     for i in range(6):
         write_image(root / f"a{i}.jpg", make_face(rng, 32, fake=i % 2 == 1))
-    rows = ["image,label", "a0.jpg,REAL", "a1.jpg,fake", "a2.jpg,Real", "a3.jpg,1", "a4.jpg,0", "a5.jpg,FAKE",
-            "gone.jpg,REAL", "a0.jpg,maybe", "a1.jpg", ""]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    write_image(tmp_path / "outside.jpg", make_face(rng, 32))
+    rows = ["image,label", "a0.jpg,REAL", "a1.jpg,fake", "a2.jpg,Real", "./a3.jpg,1", "a4.jpg,0", "sub/../a5.jpg,FAKE",
+            "gone.jpg,REAL", "a0.jpg,maybe", "a1.jpg", "", "../outside.jpg,REAL", f"{tmp_path / 'outside.jpg'},FAKE",
+            '"a2.jpg,REAL']
+    data = ("\n".join(rows) + "\n").encode() + b"\xff\xfe.jpg,REAL\n"
+    (tmp_path / "data.csv").write_bytes(data)
     out = tmp_path / "out"
     assert pack_main(["--csv", str(tmp_path / "data.csv"), "--images-root", str(root), "--out", str(out),
                       "--workers", "1", "--min-shards", "1"]) == 0
@@ -205,8 +208,11 @@ def test_csv_input(tmp_path: Path):
     labels = {json.loads(s["json"])["source"]: int(s["cls"]) for sp in ("train", "val") for s in read_back(out, sp)}
     assert labels == {"a0.jpg": 0, "a1.jpg": 1, "a2.jpg": 0, "a3.jpg": 1, "a4.jpg": 0, "a5.jpg": 1}
     reasons = sorted((s["path"].rsplit("/", 1)[-1], s["reason"]) for s in m["skipped"])
-    assert reasons == [("data.csv:10", "bad-csv-row"), ("data.csv:9", "bad-csv-row"), ("gone.jpg", "missing")]
+    assert reasons == [("data.csv:10", "bad-csv-row"), ("data.csv:12", "outside-root"), ("data.csv:13", "outside-root"),
+                       ("data.csv:14", "bad-csv-row"), ("data.csv:15", "bad-csv-row"), ("data.csv:9", "bad-csv-row"),
+                       ("gone.jpg", "missing")]
     assert m["inputs"]["csv"] == str(tmp_path / "data.csv")
+    assert not any("outside" in json.loads(s["json"])["source"] for sp in ("train", "val") for s in read_back(out, sp))
 
 
 def test_strict_missing_input_and_nothing_packed(tmp_path: Path, caplog):
@@ -242,7 +248,8 @@ def test_help_runs_as_file_and_explains_flags():
     for flag in ("--real", "--fake", "--csv", "--images-root", "--val-fraction", "--seed", "--shard-size",
                  "--min-shards", "--workers", "--min-size", "--max-pixels", "--strict", "--overwrite", "--out"):
         assert flag in r.stdout
-    assert "truncated" in r.stdout and "Exit codes" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the epilog wherever the words fall
+    assert "truncated" in text and "Exit codes" in text
 
 
 def test_tar_bytes_match_tarfile(packed: Path):
@@ -280,6 +287,22 @@ def test_outputs_get_the_mode_open_would_give(tmp_path: Path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert {n for n in modes if n.endswith(".idx")} and set(modes.values()) == {0o640}, modes
+
+
+def test_spelling_of_an_input_path_does_not_change_the_bytes(tmp_path: Path, monkeypatch):
+    make_image_dirs(tmp_path / "faces", n_real=6, n_fake=6)
+    monkeypatch.chdir(tmp_path)
+    outs = []
+    for i, (real, fake) in enumerate([("faces/real", "faces/fake"), ("faces/real/", "./faces//fake/"),
+                                      ("./faces/real", "faces/./fake")]):
+        outs.append(pack_dirs(Path(real) if i == 0 else real, fake, tmp_path / f"o{i}", "--min-shards", "1"))
+    files = [shard_files(o) for o in outs]
+    assert files[0] == files[1] == files[2] and files[0]
+    roots = {json.loads(s["json"])["root"] for s in read_back(outs[1], "train")}
+    assert roots <= {"faces/real", "faces/fake"}
+    inputs = [json.loads((o / "manifest.json").read_text())["inputs"] for o in outs]
+    assert inputs[0] == inputs[1] == inputs[2] == {"real": ["faces/real"], "fake": ["faces/fake"], "csv": None,
+                                                   "images_root": None}
 
 
 def camera_files(folder: Path, rng) -> dict:
