@@ -84,13 +84,3 @@ def atomic_savefig(fig, path: Union[str, Path], **kwargs) -> None:
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, **kwargs)
-
-
-def remove_temp_files(folder: Union[str, Path]) -> int:
-    """Delete ``.tmp-*`` leftovers of interrupted atomic writes in ``folder``; returns how many."""
-    n = 0
-    for p in Path(folder).glob(f"{TMP_PREFIX}*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
-    return n

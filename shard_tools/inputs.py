@@ -14,6 +14,12 @@ count, bad label, bad quoting, not UTF-8, NUL) are skipped as ``bad-csv-row``, a
 absolute path or leaves ``--images-root`` through ``..`` as ``outside-root`` (unless
 ``allow_outside_root``), each naming ``FILE:LINE``. The check is on the path as written: symlinks inside
 ``--images-root`` are followed, as in folder walks.
+
+Inputs and the output are kept apart (``check_apart``): the pack refuses an ``--out`` that is or is inside
+a ``--real``/``--fake`` folder (writing there would change the input tree, and a later walk of it would meet
+the shards), and any input folder (``--images-root`` too) inside ``--out``. An ``--out`` inside
+``--images-root`` is allowed (``data.csv``, ``images/`` and ``shards/`` in one project folder is common: the
+CSV names its files); a CSV row whose file lies inside ``--out`` is skipped as ``bad-csv-row``.
 """
 from __future__ import annotations
 
@@ -133,8 +139,15 @@ def _parse_line(raw: bytes, lineno: int) -> List[str] | str:
     return [c.strip() for c in row]
 
 
-def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False) -> List[Candidate | Skip]:
-    """Rows of ``image,label`` → Candidates under ``images_root`` (missing files are found by the inspector)."""
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, both with symlinks resolved (``folder`` already resolved)."""
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
+             exclude: Optional[Path] = None) -> List[Candidate | Skip]:
+    """Rows of ``image,label`` → Candidates under ``images_root`` (missing files are found by the inspector);
+    rows naming a file inside ``exclude`` (the pack output) are skipped."""
     if not str(csv_path):
         raise InputError("--csv '': empty path")
     path = Path(csv_path)
@@ -149,6 +162,7 @@ def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False) 
         lines = path.read_bytes().splitlines()
     except OSError as e:
         raise InputError(f"--csv {csv_path}: cannot read it ({e.strerror or e})") from None
+    excluded = os.path.realpath(exclude) if exclude is not None else None
     out: List[Candidate | Skip] = []
     for lineno, raw in enumerate(lines, start=1):
         where = f"{csv_path}:{lineno}"
@@ -171,8 +185,26 @@ def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False) 
                             f"{image!r} is outside --images-root {root}; pass --allow-outside-root to read it"))
             continue
         rel = os.path.normpath(image)
+        if excluded is not None and _inside(os.path.join(root, rel), excluded):
+            out.append(Skip(where, CLASS_NAMES[label], "bad-csv-row", f"{image!r} is inside --out {exclude}"))
+            continue
         out.append(Candidate(label, root, rel, os.path.join(root, rel)))
     return out
+
+
+def check_apart(out: Path, folders: List[Tuple[str, str]], csv_root: Optional[str] = None) -> None:
+    """InputError when ``out`` is, or is inside, one of ``folders`` (``(flag, folder)`` pairs), or one of them
+    or ``csv_root`` is inside ``out``; compared by real path (symlinks resolved)."""
+    o = os.path.realpath(out)
+    for flag, folder in folders:
+        r = os.path.realpath(folder)
+        if os.path.commonpath([o, r]) == r:
+            where = "is" if o == r else "is inside"
+            raise InputError(f"--out {out} {where} {flag} {folder}: the output must not change an input folder; "
+                             "choose an --out outside the inputs")
+    for flag, folder in folders + ([("--images-root", csv_root)] if csv_root is not None else []):
+        if _inside(folder, o):
+            raise InputError(f"{flag} {folder} is inside --out {out}: choose an --out that holds no input")
 
 
 def collect(
@@ -188,7 +220,7 @@ def collect(
             items.extend(walk_folder(root, label, exclude))
     if csv_path is not None:
         root = images_root if images_root is not None else str(Path(csv_path).parent)
-        items.extend(read_csv(csv_path, root, allow_outside_root))
+        items.extend(read_csv(csv_path, root, allow_outside_root, exclude))
     for item in items:
         (cands if isinstance(item, Candidate) else skips).append(item)
     return cands, skips

@@ -152,19 +152,43 @@ def test_refuses_complete_output_and_overwrites(tmp_path: Path, caplog):
     assert pack_main(args + ["--overwrite"]) == 0 and shard_files(out) == before
 
 
-def test_incomplete_output_is_rebuilt(tmp_path: Path, caplog):
+def interrupted_pack(real: Path, fake: Path, out: Path, monkeypatch, *extra: str) -> None:
+    """A pack that dies after writing its shards, before its manifest (as a crash would)."""
+    import shard_tools.pack as pack_module
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(pack_module, "build_manifest", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", "1", *extra])
+    assert not (out / "manifest.json").exists() and list(out.glob("*.tar")) and (out / ".deepfake-pack-run.json").exists()
+
+
+def test_incomplete_output_is_rebuilt(tmp_path: Path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     real, fake = make_image_dirs(tmp_path / "in", n_real=8, n_fake=8)
     ref = shard_files(pack_dirs(real, fake, tmp_path / "ref", "--min-shards", "1"))
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "train-000007.tar").write_bytes(b"stale")
-    (out / ".tmp-train-000000.tar.abc").write_bytes(b"half")
-    (out / "notes.txt").write_text("not ours")
+    interrupted_pack(real, fake, out, monkeypatch, "--min-shards", "3")  # other flags: other shard names
+    (out / ".tmp-train-000000.tar.abc123_x").write_bytes(b"half")  # a temp file of one of its outputs
+    (out / ".deepfake-pack.lock").write_text("deepfake-pack pid 999999\n")  # left by a killed run
     pack_dirs(real, fake, out, "--min-shards", "1")
     assert "incomplete output, rebuilding" in caplog.text
     assert shard_files(out) == ref
-    assert (out / "notes.txt").exists() and not list(out.glob(".tmp-*"))
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".tar", ".idx")) == ["manifest.json"]
+
+
+def test_foreign_file_beside_an_interrupted_output_is_refused(tmp_path: Path, caplog, monkeypatch):
+    real, fake = make_image_dirs(tmp_path / "in", n_real=8, n_fake=8)
+    out = tmp_path / "out"
+    interrupted_pack(real, fake, out, monkeypatch, "--min-shards", "1")
+    (out / "notes.txt").write_text("not ours")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", "1"]) == 2
+    assert f"{out / 'notes.txt'}, which deepfake-pack did not write" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_kill_and_rerun_gives_identical_shards(tmp_path: Path):
