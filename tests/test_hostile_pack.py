@@ -37,6 +37,7 @@ class Spec:
     names: List[str] = field(default_factory=list)
     tool: str = "pack"
     out: Optional[Path] = None  # the tool's output folder (pack) or file (inspect --grid)
+    multi: bool = False  # --verify: one error line per problem, each naming what is wrong
 
 
 @dataclass
@@ -341,6 +342,143 @@ def _(tmp, env):
                  str(tmp / "out"), "--workers", "1", "--min-shards", "1"], 0, out=tmp / "out")
 
 
+# ---------------------------------------------------------------- deepfake-inspect
+
+
+def edit_manifest(out: Path, edit) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+def inspect_spec(env: Env, rc: int, names: List[str], *extra: str, grid: Optional[Path] = None, multi=False) -> Spec:
+    argv = [str(env.complete), *extra] + (["--grid", str(grid), "--thumb", "16"] if grid is not None else [])
+    return Spec(argv, rc, names, tool="inspect", out=grid, multi=multi)
+
+
+@case("inspect-no-manifest")
+def _(tmp, env):
+    (env.complete / "manifest.json").unlink()
+    return inspect_spec(env, 2, [str(env.complete / "manifest.json"), "is missing"], "--verify")
+
+
+@case("inspect-manifest-not-utf8")
+def _(tmp, env):
+    (env.complete / "manifest.json").write_bytes(b"\xff\xfe{")
+    return inspect_spec(env, 2, [str(env.complete / "manifest.json"), "not a deepfake-pack manifest"], "--verify")
+
+
+@case("inspect-manifest-splits-a-list")
+def _(tmp, env):
+    edit_manifest(env.complete, lambda m: m.update(splits=[1, 2]))
+    return inspect_spec(env, 2, ["not a deepfake-pack manifest", "no 'splits' object"], "--verify")
+
+
+@case("inspect-manifest-shard-outside-out")
+def _(tmp, env):
+    edit_manifest(env.complete, lambda m: m["splits"]["train"]["shards"][0].update(name="../foreign.txt"))
+    return inspect_spec(env, 2, ["splits.train.shards[0]", "'../foreign.txt' is not a file name"], "--verify")
+
+
+@case("inspect-manifest-count-not-a-number")
+def _(tmp, env):
+    edit_manifest(env.complete, lambda m: m["splits"]["val"].update(num_samples="many"))
+    return inspect_spec(env, 2, ["splits.val", "is not a count"], "--verify")
+
+
+@case("inspect-counts-of-odd-types")
+def _(tmp, env):
+    edit_manifest(env.complete, lambda m: m.update(counts={"real": 3}, warnings="none", conflicts=None))
+    return inspect_spec(env, 0, [])
+
+
+@case("verify-indexes-swapped")
+def _(tmp, env):
+    a, b = env.complete / "train-000000.idx", env.complete / "train-000001.idx"
+    assert a.read_text().split("\n")[0] == b.read_text().split("\n")[0]  # same count: the header cannot tell
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    return inspect_spec(env, 1, [f"{a}: 2 of 2 sample lines do not match the members of train-000000.tar"], "--verify",
+                        multi=True)
+
+
+@case("verify-index-is-binary")
+def _(tmp, env):
+    (env.complete / "train-000000.idx").write_bytes(bytes(range(256)))
+    return inspect_spec(env, 1, [f"{env.complete / 'train-000000.idx'}: not a DALI index"], "--verify", multi=True)
+
+
+@case("verify-shard-is-gzipped")
+def _(tmp, env):
+    import gzip
+
+    shard = env.complete / "train-000000.tar"
+    shard.write_bytes(gzip.compress(shard.read_bytes()))
+    return inspect_spec(env, 1, [f"{shard}: cannot read the tar"], "--verify", multi=True)
+
+
+@case("verify-shard-is-a-folder")
+def _(tmp, env):
+    shard = env.complete / "val-000000.tar"
+    shard.unlink()
+    shard.mkdir()
+    return inspect_spec(env, 1, [f"{shard}: shard listed in the manifest is missing"], "--verify", multi=True)
+
+
+@case("grid-shard-is-garbage")
+def _(tmp, env):
+    (env.complete / "train-000000.tar").write_bytes(b"\x00garbage" * 300)
+    return inspect_spec(env, 1, ["--grid", "train-000000.tar", "could not be drawn"], grid=tmp / "sheet.png")
+
+
+@case("grid-shard-missing")
+def _(tmp, env):
+    (env.complete / "train-000000.tar").unlink()
+    return inspect_spec(env, 1, ["--grid", "train-000000.tar"], grid=tmp / "sheet.png")
+
+
+@case("grid-onto-the-manifest")
+def _(tmp, env):
+    return inspect_spec(env, 2, ["would overwrite the pack output's own manifest.json"],
+                        grid=env.complete / "manifest.json")
+
+
+@case("grid-not-a-png-name")
+def _(tmp, env):
+    return inspect_spec(env, 2, [f"--grid {env.real / 'r0000.jpg'}: expected a .png"], grid=env.real / "r0000.jpg")
+
+
+@case("grid-onto-a-file-that-is-not-a-png")
+def _(tmp, env):
+    (tmp / "notes.png").write_text("my notes, not a picture")
+    return inspect_spec(env, 2, [f"--grid {tmp / 'notes.png'} exists and is not a PNG"], grid=tmp / "notes.png")
+
+
+@case("grid-is-a-folder")
+def _(tmp, env):
+    (tmp / "sheet.png").mkdir()
+    return inspect_spec(env, 2, [f"--grid {tmp / 'sheet.png'} is a folder"], grid=tmp / "sheet.png")
+
+
+@case("grid-below-a-file")
+def _(tmp, env):
+    return inspect_spec(env, 2, ["cannot write --grid", str(tmp / "foreign.txt")], grid=tmp / "foreign.txt" / "s.png")
+
+
+for _flags, _named in ((["--n", "0"], "--n"), (["--thumb", "4"], "--thumb"), (["--thumb", "100000"], "--thumb"),
+                       (["--n", "x"], "--n")):
+    def _inspect_flag_case(tmp, env, flags=_flags, named=_named):
+        return Spec([str(env.complete), *flags], 2, [named], tool="inspect")
+    case(f"inspect-flag{_flags[0]}-{_flags[1]}")(_inspect_flag_case)
+
+
+@case("ok-grid-replaces-its-own-earlier-sheet")
+def _(tmp, env):
+    assert inspect_main([str(env.complete), "--grid", str(tmp / "sheet.png"), "--thumb", "16"]) == 0
+    return inspect_spec(env, 0, [], "--verify", grid=tmp / "sheet.png")
+
+
 # ---------------------------------------------------------------- harness
 
 
@@ -349,7 +487,7 @@ def base(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hostile")
     real, fake = make_image_dirs(root / "in", n_real=3, n_fake=3)
     assert pack_main(["--real", str(real), "--fake", str(fake), "--out", str(root / "complete"), "--workers", "1",
-                      "--min-shards", "1"]) == 0
+                      "--min-shards", "2"]) == 0  # train: 2 shards of 2 samples
     return root
 
 
@@ -372,12 +510,28 @@ def run_cli(spec: Spec, caplog, capsys) -> tuple:
     return rc, [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def check_outputs(spec: Spec, out_before: Optional[dict]) -> None:
+def state(path: Optional[Path]):
+    if path is None or not os.path.lexists(path):
+        return None
+    return snapshot(path) if path.is_dir() else (stat.S_IMODE(path.stat().st_mode), path.read_bytes())
+
+
+def check_outputs(spec: Spec, before) -> None:
     out = spec.out
     if out is None:
         return
+    if spec.tool == "inspect":
+        if spec.rc == 2:
+            assert state(out) == before, "a refused --grid changed its path"
+        elif out.exists():  # written whole or not at all
+            from PIL import Image
+
+            with Image.open(out) as im:
+                im.load()
+                assert im.format == "PNG"
+        return
     if spec.rc != 0:
-        assert (snapshot(out) if out.exists() else None) == out_before, "a failed run changed its output folder"
+        assert state(out) == before, "a failed run changed its output folder"
         return
     names = sorted(p.name for p in out.iterdir())
     m = json.loads((out / "manifest.json").read_text())
@@ -390,7 +544,7 @@ def check_outputs(spec: Spec, out_before: Optional[dict]) -> None:
 def test_hostile(name: str, base: Path, tmp_path: Path, caplog, capsys):
     env = setup_env(base, tmp_path)
     spec = CASES[name](tmp_path, env)
-    out_before = snapshot(spec.out) if spec.out is not None and spec.out.exists() else None
+    out_before = state(spec.out)
     watched = snapshot(tmp_path, skip=spec.out)
     temps = set(tmp_path.rglob(".tmp-*"))
     try:
@@ -400,9 +554,10 @@ def test_hostile(name: str, base: Path, tmp_path: Path, caplog, capsys):
             os.close(HELD.pop())
     assert rc == spec.rc, errors
     if spec.rc != 0:
-        assert len(errors) == 1 and "\n" not in errors[0], errors
+        assert errors and all("\n" not in e for e in errors), errors
+        assert len(errors) == 1 or spec.multi, errors
         for n in spec.names:
-            assert n in errors[0], (n, errors[0])
+            assert any(n in e for e in errors), (n, errors)
     else:
         assert errors == []
     assert snapshot(tmp_path, skip=spec.out) == watched, "something outside the tool's outputs changed"
@@ -411,7 +566,8 @@ def test_hostile(name: str, base: Path, tmp_path: Path, caplog, capsys):
 
 
 def test_at_least_30_cases():
-    assert len(CASES) >= 30
+    n_inspect = sum(1 for n in CASES if n.startswith(("inspect", "verify", "grid", "ok-grid")))
+    assert len(CASES) - n_inspect >= 30 and n_inspect >= 20
 
 
 def test_second_pack_as_a_process_fails_at_once(base: Path, tmp_path: Path):
