@@ -11,28 +11,58 @@ from typing import IO, Iterator, Union
 TMP_PREFIX = ".tmp-"
 
 
-@contextlib.contextmanager
-def atomic_open(path: Union[str, Path], mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success fsync and rename it to ``path``, else delete it.
+def file_mode() -> int:
+    """The mode ``open()`` gives a new regular file: ``0o666 & ~umask`` (0644 under the usual umask 022).
 
-    Temp names start with ``.tmp-`` so a rerun can recognise and remove leftovers.
+    Read from ``/proc/self/status`` where it exists: setting the umask to read it would change it
+    process-wide for a moment, under other threads' feet.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: Union[str, Path]) -> Iterator[str]:
+    """Yield a temp file name beside ``path`` for a writer that wants a name, not a file object.
+
+    On success the temp file is fsynced, given ``file_mode()`` (mkstemp makes 0600 files) and renamed to
+    ``path``; on any error it is deleted. Temp names are ``.tmp-<name>.<random>``, so a rerun can tell
+    whose leftover a temp file is.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        mask = os.umask(0)  # mkstemp makes 0600 files: give the final file the usual permissions
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: Union[str, Path], mode: str = "wb") -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success fsync and rename it to ``path``, else delete it.
+
+    Temp names start with ``.tmp-<name>.`` so a rerun can recognise leftovers; the final file gets
+    ``file_mode()``, as a plain ``open()`` would give it.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
@@ -54,13 +84,3 @@ def atomic_savefig(fig, path: Union[str, Path], **kwargs) -> None:
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, **kwargs)
-
-
-def remove_temp_files(folder: Union[str, Path]) -> int:
-    """Delete ``.tmp-*`` leftovers of interrupted atomic writes in ``folder``; returns how many."""
-    n = 0
-    for p in Path(folder).glob(f"{TMP_PREFIX}*"):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-            n += 1
-    return n

@@ -2,21 +2,30 @@
 
 Policy (what every loader later gets is upright 8-bit RGB):
 
-* Accepted formats, judged by content, never by extension: JPEG, PNG, WebP, BMP. GIF, TIFF, ICO, ...
-  are skipped as ``unsupported-format``; animated PNG/WebP as ``animated`` (no frame is chosen for you).
+* Accepted formats, judged by content, never by extension: JPEG, PNG, WebP, BMP, MPO (multi-picture JPEG
+  from cameras and phones), TIFF, AVIF (when the installed Pillow reads it), HEIF/HEIC (only when a Pillow
+  plugin such as ``pillow-heif`` is installed: none is required). GIF, ICO, DNG, ... are skipped as
+  ``unsupported-format``; animated PNG/WebP/AVIF and multi-page TIFF as ``animated`` (no frame is chosen for
+  you). An MPO's extra images (second eye, preview, gain map) are not frames of an animation: its first
+  image is the picture.
 * Original bytes are kept (re-encoding destroys the artifacts a detector learns) when the file is an
-  8-bit RGB or grayscale JPEG/PNG/WebP without an EXIF rotation: every loader decodes those to RGB.
+  8-bit RGB or grayscale JPEG/PNG/WebP without an EXIF rotation: every loader decodes those to RGB. For an
+  MPO file with that content the first image's own JPEG bytes are kept (``mpo-first-frame``:
+  ``shard_tools.jpeg.mpo_first_image``), since OpenCV and DALI decode them exactly like PIL.
 * Everything else is re-encoded as a lossless PNG of the upright RGB pixels, and the reason is
-  recorded: ``cmyk`` (JPEG CMYK/YCCK), ``16-bit`` (16-bit PNG: the high byte is kept), ``low-bit-depth``
+  recorded: ``cmyk`` (JPEG CMYK/YCCK), ``16-bit`` (16-bit PNG/TIFF: the high byte is kept), ``low-bit-depth``
   (1/2/4-bit PNG), ``alpha`` (RGBA/LA: the alpha channel is dropped and the stored colour values kept,
   as ``PIL.convert("RGB")``, torchvision ``ImageReadMode.RGB`` and DALI do), ``palette`` (palette images,
-  expanded to RGB), ``bmp`` (BMP files), ``exif-rotated`` (EXIF orientation 2-8: pixels transposed upright).
+  expanded to RGB), ``bmp``, ``tiff``, ``avif``, ``heif`` (formats the loaders do not all decode),
+  ``exif-rotated`` (EXIF orientation 2-8: pixels transposed upright).
 * Every file is fully decoded with PIL's ``Image.load()`` (``ImageFile.LOAD_TRUNCATED_IMAGES`` False;
   Pillow's libjpeg-turbo decodes these faces as fast as torchvision's ``decode_jpeg``, 0.2 ms, and
   the packer's workers then never import torch: 2-3 s and ~600 MB less per worker). Checked
   against DALI's CPU decoder (libjpeg-turbo): it fails on exactly the truncated JPEGs PIL rejects here and
   decodes, like PIL, JPEGs with bytes after the end marker or with corrupt entropy data (libjpeg warns and
   fills), so those are kept as they are.
+* JPEG sources (JPEG, MPO) get ``ImageInfo.jpeg_quality``, estimated from their quantisation tables
+  (``shard_tools.jpeg.estimate_quality``).
 
 Skip reasons (``BadImage.reason``, a fixed vocabulary, see ``REASONS``): ``missing``, ``broken-symlink``,
 ``not-a-file`` (directory, FIFO, socket, device), ``unreadable`` (permissions, I/O error), ``zero-byte``,
@@ -26,23 +35,34 @@ Skip reasons (``BadImage.reason``, a fixed vocabulary, see ``REASONS``): ``missi
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import stat
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from shard_tools.jpeg import estimate_quality, mpo_first_image
+
+with contextlib.suppress(ImportError):  # HEIF/HEIC only where its decoder is installed; never required
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+
 REASONS = (
     "missing", "broken-symlink", "not-a-file", "unreadable", "zero-byte", "not-an-image",
     "unsupported-format", "animated", "truncated", "corrupt", "unsupported-mode", "too-small", "too-large",
 )
-ACCEPTED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "png"}
+ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "png", "TIFF": "png",
+                    "AVIF": "png", "HEIF": "png"}
+_REENCODED = ("BMP", "TIFF", "AVIF", "HEIF")  # always stored as PNG: not every loader decodes them
+_DNG_VERSION = 50706  # TIFF tag of a DNG raw file: PIL would read only its small embedded preview
 DEFAULT_MIN_SIZE = 32
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_BYTES = 256 * 2**20
@@ -72,7 +92,8 @@ class BadImage(Exception):
 class ImageInfo:
     """What ``inspect_file`` learned: ``normalized`` is None when the original bytes are kept, else why not.
 
-    ``width``/``height`` are those of the stored (upright) image; ``ext`` the tar member extension.
+    ``width``/``height`` are those of the stored (upright) image; ``ext`` the tar member extension;
+    ``jpeg_quality`` the estimated quality of a JPEG source (None for other formats).
     """
 
     sha256: str
@@ -83,6 +104,7 @@ class ImageInfo:
     height: int
     normalized: Optional[str]
     ext: str
+    jpeg_quality: Optional[int] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,9 +139,15 @@ _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
 def _magic(data: bytes) -> Optional[str]:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        return "AVIF" if brand in (b"avif", b"avis") else "HEIF" if brand in _HEIF_BRANDS else None
     return next((kind for magic, kind in _MAGIC if data.startswith(magic)), None)
 
 
@@ -133,13 +161,18 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage("too-large", str(e)) from None
     except UnidentifiedImageError:
         kind = _magic(data)
+        if kind in ("AVIF", "HEIF"):
+            raise BadImage("unsupported-format", f"{kind}: no decoder for it is installed "
+                           "(Pillow with AVIF support, or the pillow-heif plugin, reads it)") from None
         if kind:
             raise BadImage("corrupt", f"starts like a {kind} file but its header does not parse") from None
         raise BadImage("not-an-image", "content is not a recognised image format") from None
     except Exception as e:  # PIL plugins raise many types on malformed headers
         raise _decode_error(e, "cannot read the header") from None
     if im.format not in ACCEPTED_FORMATS:
-        raise BadImage("unsupported-format", f"{im.format} is not accepted (JPEG, PNG, WebP, BMP)")
+        raise BadImage("unsupported-format", f"{im.format} is not accepted ({', '.join(ACCEPTED_FORMATS)})")
+    if im.format == "TIFF" and _DNG_VERSION in getattr(im, "tag_v2", {}):
+        raise BadImage("unsupported-format", "DNG raw file: PIL reads only its embedded preview")
     w, h = im.size
     if w * h > max_pixels:
         raise BadImage("too-large", f"{w}x{h} = {w * h} pixels > --max-pixels {max_pixels}")
@@ -182,6 +215,10 @@ def _normalize_reason(im: Image.Image, data: bytes, orientation: int) -> Optiona
         return "16-bit"
     if mode == "F":
         raise BadImage("unsupported-mode", "32-bit float pixels")
+    if im.format in _REENCODED:
+        if mode not in _CONVERTIBLE:
+            raise BadImage("unsupported-mode", f"pixel mode {mode}")
+        return im.format.lower()
     if mode in ("CMYK", "YCbCr") and im.format == "JPEG":
         return "cmyk"
     if mode in ("RGBA", "LA", "La", "RGBa"):
@@ -192,11 +229,15 @@ def _normalize_reason(im: Image.Image, data: bytes, orientation: int) -> Optiona
         return "low-bit-depth"
     if mode not in ("RGB", "L"):
         raise BadImage("unsupported-mode", f"pixel mode {mode}")
-    if im.format == "BMP":
-        return "bmp"
+    if im.format == "MPO":  # its first image could not be cut out as a plain JPEG
+        return "mpo"
     if orientation != 1:
         return "exif-rotated"
     return None
+
+
+_CONVERTIBLE = ("RGB", "L", "RGBA", "LA", "La", "RGBa", "RGBX", "1", "CMYK", "YCbCr", "P", "PA",
+                "I", "I;16", "I;16B", "I;16L")
 
 
 def _to_rgb(im: Image.Image, orientation: int) -> Image.Image:
@@ -207,7 +248,7 @@ def _to_rgb(im: Image.Image, orientation: int) -> Image.Image:
         im = Image.fromarray(arr, "L")
     elif mode in ("P", "PA"):
         im = im.convert("RGBA")
-    elif mode not in ("RGB", "L", "RGBA", "LA", "La", "RGBa", "1", "CMYK", "YCbCr"):
+    elif mode not in _CONVERTIBLE:
         raise BadImage("unsupported-mode", f"pixel mode {mode}")
     if im.mode != "RGB":
         im = im.convert("RGB")
@@ -230,11 +271,18 @@ def inspect_bytes(
         raise _decode_error(e, "cannot decode") from None
 
 
-def _inspect(data: bytes, min_size: int, max_pixels: int) -> ImageInfo:
+def _inspect(data: bytes, min_size: int, max_pixels: int, *, whole_mpo: bool = True) -> ImageInfo:
     im = _open(data, max_pixels)
     with im:
-        if getattr(im, "n_frames", 1) > 1:
-            raise BadImage("animated", f"{im.format} with {im.n_frames} frames")
+        if im.format == "MPO":
+            if not whole_mpo:
+                raise BadImage("corrupt", "the first image of the MPO file still reads as an MPO file")
+            info = _inspect_mpo(data, min_size, max_pixels)
+            if info is not None:
+                return info
+        elif getattr(im, "n_frames", 1) > 1:
+            kind = "pages" if im.format == "TIFF" else "frames"
+            raise BadImage("animated", f"{im.format} with {im.n_frames} {kind}")
         w, h = im.size
         if min(w, h) < min_size:
             raise BadImage("too-small", f"{w}x{h} < --min-size {min_size}")
@@ -256,11 +304,24 @@ def _inspect(data: bytes, min_size: int, max_pixels: int) -> ImageInfo:
             _to_rgb(im, orientation)  # proves it converts; pack re-creates the bytes when writing
         if orientation in (5, 6, 7, 8) and reason is not None:
             w, h = h, w
+        is_jpeg = im.format in ("JPEG", "MPO")
         return ImageInfo(
-            sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), format=im.format.lower(), mode=mode,
-            width=w, height=h, normalized=reason,
+            sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data), format="jpeg" if is_jpeg else im.format.lower(),
+            mode=mode, width=w, height=h, normalized=reason,
             ext=ACCEPTED_FORMATS[im.format] if reason is None else "png",
+            jpeg_quality=estimate_quality(getattr(im, "quantization", None)) if is_jpeg else None,
         )
+
+
+def _inspect_mpo(data: bytes, min_size: int, max_pixels: int) -> Optional[ImageInfo]:
+    """An MPO file judged by its first image's plain JPEG (kept as ``mpo-first-frame`` when it would be
+    kept as a JPEG); None when that image cannot be cut out cleanly: the caller then re-encodes frame 0."""
+    try:
+        info = _inspect(mpo_first_image(data), min_size, max_pixels, whole_mpo=False)
+    except (ValueError, BadImage):
+        return None
+    return replace(info, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data),
+                   normalized=info.normalized or "mpo-first-frame")
 
 
 def inspect_file(
@@ -298,5 +359,9 @@ def load_rgb(src: Union[str, Path, bytes], *, max_pixels: int = DEFAULT_MAX_PIXE
 
 
 def stored_bytes(data: bytes, info: ImageInfo, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
-    """The bytes that go into a shard for ``info``: the original, or the normalised PNG."""
-    return data if info.normalized is None else normalized_bytes(data, max_pixels=max_pixels)
+    """The bytes that go into a shard for ``info``: the original, an MPO's first JPEG, or the normalised PNG."""
+    if info.normalized is None:
+        return data
+    if info.normalized == "mpo-first-frame":
+        return mpo_first_image(data)
+    return normalized_bytes(data, max_pixels=max_pixels)

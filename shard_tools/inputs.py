@@ -3,12 +3,23 @@
 Walk rules: entries are visited in sorted name order (deterministic whatever the file system returns);
 symlinks to folders are followed once (a loop is skipped as ``symlink-loop``); names starting with ``.``
 (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints/``) are skipped as ``hidden``; every other entry that is
-not a folder becomes a candidate whatever its extension (content decides later); the pack output folder
-itself is never walked.
+not a folder becomes a candidate whatever its extension (content decides later). A root is stored
+normalised (``os.path.normpath``: ``faces/real/``, ``./faces/real`` and ``faces//real`` all become
+``faces/real``), so shard bytes never depend on how a path was spelled.
 
 CSV rules: columns ``image,label`` (an optional header row is recognised), ``image`` relative to
-``--images-root``, labels ``REAL``/``FAKE`` in any case or ``0``/``1``. Malformed rows are skipped as
-``bad-csv-row`` naming ``FILE:LINE``.
+``--images-root``, labels ``REAL``/``FAKE`` in any case or ``0``/``1``. Each line is read on its own
+(``\n``, ``\r\n`` or ``\r`` ends it; a quoted field cannot span lines). Malformed rows (wrong column
+count, bad label, bad quoting, not UTF-8, NUL) are skipped as ``bad-csv-row``, and rows whose image is an
+absolute path or leaves ``--images-root`` through ``..`` as ``outside-root`` (unless
+``allow_outside_root``), each naming ``FILE:LINE``. The check is on the path as written: symlinks inside
+``--images-root`` are followed, as in folder walks.
+
+Inputs and the output are kept apart (``check_apart``): the pack refuses an ``--out`` that is or is inside
+a ``--real``/``--fake`` folder (writing there would change the input tree, and a later walk of it would meet
+the shards), and any input folder (``--images-root`` too) inside ``--out``. An ``--out`` inside
+``--images-root`` is allowed (``data.csv``, ``images/`` and ``shards/`` in one project folder is common: the
+CSV names its files); a CSV row whose file lies inside ``--out`` is skipped as ``bad-csv-row``.
 """
 from __future__ import annotations
 
@@ -50,8 +61,24 @@ class Skip:
         return {"path": self.path, "label": self.label, "reason": self.reason, "detail": self.detail}
 
 
+def normalized_root(flag: str, root: str) -> str:
+    """``root`` through ``os.path.normpath``; InputError if empty, or if dropping a ``..`` changes which
+    folder it names (``link/..`` where ``link`` is a symlink)."""
+    if not str(root):
+        raise InputError(f"{flag} '': empty path")
+    norm = os.path.normpath(root)
+    if ".." in Path(root).parts and os.path.exists(root) and os.path.exists(norm) and not os.path.samefile(root, norm):
+        raise InputError(f"{flag} {root}: its '..' follows a symlink, so it is not the folder {norm}; "
+                         "spell the path without '..'")
+    return norm
+
+
 def walk_folder(root: str, label: int, exclude: Optional[Path] = None) -> Iterator[Candidate | Skip]:
-    """Yield a Candidate per file under ``root`` (sorted, recursive) and a Skip per hidden entry or loop."""
+    """Yield a Candidate per file under ``root`` (sorted, recursive) and a Skip per hidden entry or loop.
+
+    ``root`` is normalised first (``normalized_root``); ``exclude``, a folder never walked.
+    """
+    root = normalized_root(f"--{CLASS_NAMES[label]}", root)
     top = Path(root)
     if not top.exists():
         raise InputError(f"--{CLASS_NAMES[label]} {root}: no such folder")
@@ -91,39 +118,98 @@ def walk_folder(root: str, label: int, exclude: Optional[Path] = None) -> Iterat
     yield from rec(str(top), "")
 
 
-def read_csv(csv_path: str, images_root: str) -> List[Candidate | Skip]:
-    """Rows of ``image,label`` → Candidates under ``images_root`` (missing files are found by the inspector)."""
+def _outside(image: str) -> bool:
+    return os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == ".."
+
+
+def _parse_line(raw: bytes, lineno: int) -> List[str] | str:
+    """The stripped cells of one CSV line, or why it is not a row."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 text (byte {e.start + 1} of the line)"
+    if lineno == 1:
+        text = text.removeprefix("\ufeff")
+    if "\0" in text:
+        return "contains a NUL character"
+    try:
+        row = next(csv.reader([text], strict=True), [])
+    except csv.Error as e:
+        return f"cannot parse it as CSV ({e}): {text[:80]!r}"
+    return [c.strip() for c in row]
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, both with symlinks resolved (``folder`` already resolved)."""
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
+def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
+             exclude: Optional[Path] = None) -> List[Candidate | Skip]:
+    """Rows of ``image,label`` → Candidates under ``images_root`` (missing files are found by the inspector);
+    rows naming a file inside ``exclude`` (the pack output) are skipped."""
+    if not str(csv_path):
+        raise InputError("--csv '': empty path")
     path = Path(csv_path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"--csv {csv_path}: no such file")
-    if not Path(images_root).is_dir():
+    if not path.is_file():
+        raise InputError(f"--csv {csv_path}: is not a regular file")
+    root = normalized_root("--images-root", images_root)
+    if not Path(root).is_dir():
         raise InputError(f"--images-root {images_root}: no such folder")
     try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"--csv {csv_path}: cannot read it as UTF-8 CSV ({e})") from None
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise InputError(f"--csv {csv_path}: cannot read it ({e.strerror or e})") from None
+    excluded = os.path.realpath(exclude) if exclude is not None else None
     out: List[Candidate | Skip] = []
-    for lineno, row in enumerate(rows, start=1):
-        cells = [c.strip() for c in row]
-        if not any(cells):
-            continue
-        if lineno == 1 and [c.lower() for c in cells] == ["image", "label"]:
-            continue
+    for lineno, raw in enumerate(lines, start=1):
         where = f"{csv_path}:{lineno}"
+        cells = _parse_line(raw, lineno)
+        if isinstance(cells, str):
+            out.append(Skip(where, None, "bad-csv-row", cells))
+            continue
+        if not any(cells) or (lineno == 1 and [c.lower() for c in cells] == ["image", "label"]):
+            continue
         if len(cells) != 2 or not cells[0]:
-            out.append(Skip(where, None, "bad-csv-row", f"expected 2 columns image,label, got {row!r}"))
+            out.append(Skip(where, None, "bad-csv-row", f"expected 2 columns image,label, got {cells!r}"))
             continue
         image, label_text = cells
         label = _LABELS.get(label_text.lower())
         if label is None:
             out.append(Skip(where, None, "bad-csv-row", f"label {label_text!r} is not REAL/FAKE/0/1"))
             continue
-        out.append(Candidate(label, images_root, image, os.path.join(images_root, image)))
+        if _outside(image) and not allow_outside_root:
+            out.append(Skip(where, CLASS_NAMES[label], "outside-root",
+                            f"{image!r} is outside --images-root {root}; pass --allow-outside-root to read it"))
+            continue
+        rel = os.path.normpath(image)
+        if excluded is not None and _inside(os.path.join(root, rel), excluded):
+            out.append(Skip(where, CLASS_NAMES[label], "bad-csv-row", f"{image!r} is inside --out {exclude}"))
+            continue
+        out.append(Candidate(label, root, rel, os.path.join(root, rel)))
     return out
 
 
+def check_apart(out: Path, folders: List[Tuple[str, str]], csv_root: Optional[str] = None) -> None:
+    """InputError when ``out`` is, or is inside, one of ``folders`` (``(flag, folder)`` pairs), or one of them
+    or ``csv_root`` is inside ``out``; compared by real path (symlinks resolved)."""
+    o = os.path.realpath(out)
+    for flag, folder in folders:
+        r = os.path.realpath(folder)
+        if os.path.commonpath([o, r]) == r:
+            where = "is" if o == r else "is inside"
+            raise InputError(f"--out {out} {where} {flag} {folder}: the output must not change an input folder; "
+                             "choose an --out outside the inputs")
+    for flag, folder in folders + ([("--images-root", csv_root)] if csv_root is not None else []):
+        if _inside(folder, o):
+            raise InputError(f"{flag} {folder} is inside --out {out}: choose an --out that holds no input")
+
+
 def collect(
-    real: List[str], fake: List[str], csv_path: Optional[str], images_root: Optional[str], exclude: Optional[Path]
+    real: List[str], fake: List[str], csv_path: Optional[str], images_root: Optional[str], exclude: Optional[Path],
+    allow_outside_root: bool = False,
 ) -> Tuple[List[Candidate], List[Skip]]:
     """All inputs in a deterministic order (folders as given, then the CSV rows)."""
     cands: List[Candidate] = []
@@ -133,7 +219,8 @@ def collect(
         for root in roots:
             items.extend(walk_folder(root, label, exclude))
     if csv_path is not None:
-        items.extend(read_csv(csv_path, images_root if images_root is not None else str(Path(csv_path).parent)))
+        root = images_root if images_root is not None else str(Path(csv_path).parent)
+        items.extend(read_csv(csv_path, root, allow_outside_root, exclude))
     for item in items:
         (cands if isinstance(item, Candidate) else skips).append(item)
     return cands, skips

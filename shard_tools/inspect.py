@@ -1,11 +1,12 @@
 """deepfake-inspect: summarise a pack output; ``--verify`` re-reads every shard; ``--grid`` draws samples.
 
-``--verify`` checks, against ``manifest.json``: each shard exists with the listed size and sha256, its
-``.idx`` exists and lists the same number of samples, every sample has ``cls``, one image and ``json``
-members, ``cls`` equals the json label, the key is the sha256 prefix, original bytes still hash to the
-json sha256, every image decodes, per-shard and per-split sample and class counts match, and no key
-appears twice or in both splits. Exit codes: 0 ok, 1 verification found problems (each one listed),
-2 missing folder/manifest or bad flag.
+``--verify`` checks every shard and its ``.idx`` against ``manifest.json`` (``shard_tools.verify`` lists
+the checks; an index that does not match its tar's members is caught). ``--grid`` writes a contact sheet
+of random samples to a ``.png`` path (never onto the manifest or a file it lists, nor onto an existing
+file that is not a PNG); a sample that cannot be drawn (damaged shard, undecodable image) is skipped and
+counted with its reason. Exit codes: 0 ok, 1 verification found problems or the contact sheet had to skip
+samples (each one listed), 2 missing folder/manifest, a manifest that is not a deepfake-pack manifest,
+or a bad flag.
 """
 from __future__ import annotations
 
@@ -19,30 +20,32 @@ if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file
 from pathlib import Path
 
 import argparse
-import hashlib
 import json
 import logging
 import random
 import tarfile
-from collections import Counter, defaultdict
-from typing import Dict, Iterator, List, Optional, Tuple
+from collections import defaultdict
+from typing import List, Optional, Tuple
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from shard_tools import fsutil
 from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, MANIFEST, is_remote
-from shard_tools.imageio import BadImage, inspect_bytes, load_rgb
+from shard_tools.imageio import BadImage, load_rgb
 from shard_tools.storage import parse_storage_options
+from shard_tools.verify import check_manifest, iter_samples, verify
 
 logger = logging.getLogger(__name__)
 _MAX_PROBLEMS_SHOWN = 50
+_MAX_N, _MAX_THUMB = 4096, 1024
+__all__ = ["contact_sheet", "get_args_parser", "iter_samples", "main", "summary", "verify"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepfake-inspect", description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="Exit codes: 0 ok; 1 --verify found problems; 2 missing folder/manifest or bad flag.")
+                                epilog="Exit codes: 0 ok; 1 --verify found problems or --grid skipped samples; 2 missing folder/manifest, "
+                                       "not a deepfake-pack manifest, or bad flag.")
     p.add_argument("out", metavar="OUT", help="pack output folder (with manifest.json), or its URL (s3://bucket/prefix, "
                    "https://host/path, any fsspec URL; --verify/--grid download the shards to a temp folder)")
     p.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL: JSON of fsspec filesystem "
@@ -50,139 +53,62 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checks")
     g.add_argument("--verify", action="store_true", help="re-read every shard and check it against the manifest")
     g = p.add_argument_group("contact sheet")
-    g.add_argument("--grid", default=None, metavar="PNG", help="write a contact sheet of random samples to this PNG")
-    g.add_argument("--n", type=int, default=64, help="number of samples on the contact sheet")
-    g.add_argument("--thumb", type=int, default=128, help="thumbnail side in pixels")
+    g.add_argument("--grid", default=None, metavar="PNG", help="write a contact sheet of random samples to this .png file")
+    g.add_argument("--n", type=int, default=64, help=f"number of samples on the contact sheet (1-{_MAX_N})")
+    g.add_argument("--thumb", type=int, default=128, help=f"thumbnail side in pixels (8-{_MAX_THUMB})")
     g.add_argument("--seed", type=int, default=0, help="seed for choosing the contact sheet samples")
     return p
 
 
-def iter_samples(tar_path: Path) -> Iterator[Tuple[str, Dict[str, bytes]]]:
-    """Yield ``(key, {ext: bytes})`` per sample, grouping consecutive members by key (as webdataset does)."""
-    key, members = None, {}
-    with tarfile.open(tar_path, "r") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, _, ext = m.name.partition(".")
-            if k != key and key is not None:
-                yield key, members
-                members = {}
-            key = k
-            members[ext] = tar.extractfile(m).read()
-    if key is not None:
-        yield key, members
+def _tile(members: dict, thumb: int) -> Tuple[Image.Image, int]:
+    """Thumbnail and label of one sample; raises BadImage, ValueError or KeyError on a bad sample."""
+    ext = next((e for e in members if e in IMAGE_EXTS), None)
+    if ext is None:
+        raise KeyError(f"no image member among {sorted(members)}")
+    label = int(members["cls"])
+    if label not in (0, 1):
+        raise ValueError(f"cls {label} is not 0 or 1")
+    return Image.fromarray(load_rgb(members[ext])).resize((thumb, thumb), Image.BILINEAR), label
 
 
-def _check_sample(key: str, members: Dict[str, bytes], where: str) -> Tuple[Optional[int], List[str]]:
-    problems = []
-    images = [e for e in members if e in IMAGE_EXTS]
-    missing = [e for e in ("cls", "json") if e not in members]
-    if missing or len(images) != 1:
-        return None, [f"{where}: sample {key} has members {sorted(members)} (needs cls, json and one of {IMAGE_EXTS})"]
-    cls_text = members["cls"].decode("ascii", "replace").strip()
-    if cls_text not in ("0", "1"):
-        return None, [f"{where}: sample {key}: cls is {cls_text!r}, expected 0 or 1"]
-    label = int(cls_text)
-    try:
-        meta = json.loads(members["json"])
-    except ValueError as e:
-        return label, [f"{where}: sample {key}: json does not parse ({e})"]
-    if meta.get("label") != label:
-        problems.append(f"{where}: sample {key}: cls {label} but json label {meta.get('label')!r}")
-    sha = str(meta.get("sha256", ""))
-    if not sha.startswith(key):
-        problems.append(f"{where}: sample {key}: key is not the prefix of json sha256 {sha[:32]}")
-    data = members[images[0]]
-    if meta.get("normalized") is None and hashlib.sha256(data).hexdigest() != sha:
-        problems.append(f"{where}: sample {key}: image bytes do not hash to json sha256 (original bytes changed)")
-    try:
-        info = inspect_bytes(data, min_size=1, max_pixels=2**62)
-        if (info.width, info.height) != (meta.get("width"), meta.get("height")):
-            problems.append(f"{where}: sample {key}: image is {info.width}x{info.height}, json says "
-                            f"{meta.get('width')}x{meta.get('height')}")
-    except BadImage as e:
-        problems.append(f"{where}: sample {key}: image does not decode ({e})")
-    return label, problems
+def _draw_tiles(root: Path, want: dict, thumb: int) -> Tuple[list, List[str]]:
+    """(tiles, skipped): each skipped sample or unreadable shard named with its reason."""
+    tiles, skipped = [], []
+    for (split, name), idxs in want.items():
+        found = set()
+        try:
+            for i, (key, members) in enumerate(iter_samples(root / name)):
+                if i not in idxs:
+                    continue
+                found.add(i)
+                try:
+                    img, label = _tile(members, thumb)
+                except (BadImage, ValueError, KeyError) as e:
+                    skipped.append(f"{name}: sample {key}: {type(e).__name__ if not str(e) else e}")
+                    continue
+                tiles.append((img, f"{CLASS_NAMES[label]} / {split}"))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            skipped.append(f"{root / name}: cannot read the tar ({type(e).__name__}: {e})")
+        lost = len(idxs - found)
+        if lost and not (skipped and skipped[-1].startswith(str(root / name))):
+            skipped.append(f"{root / name}: {lost} chosen sample(s) are not in the shard (fewer than the manifest says)")
+    return tiles, skipped
 
 
-def verify(root: Path, manifest: dict) -> List[str]:
-    """Every problem found, one line each (empty list: the output is sound)."""
-    problems: List[str] = []
-    seen: Dict[str, str] = {}
-    total = sum(int(s.get("num_samples", 0)) for s in manifest["splits"].values())
-    bar = tqdm(total=total, desc="verify", unit="img", dynamic_ncols=True)
-    for split, info in manifest["splits"].items():
-        split_classes: Counter = Counter()
-        n_split = 0
-        for entry in info.get("shards", []):
-            tar_path = root / entry["name"]
-            if not tar_path.is_file():
-                problems.append(f"{tar_path}: shard listed in the manifest is missing")
-                continue
-            h = hashlib.sha256()
-            with open(tar_path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            if tar_path.stat().st_size != entry.get("bytes"):
-                problems.append(f"{tar_path}: {tar_path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-            if h.hexdigest() != entry.get("sha256"):
-                problems.append(f"{tar_path}: sha256 differs from the manifest (shard changed or corrupt)")
-            idx = root / entry.get("index", tar_path.with_suffix(".idx").name)
-            if not idx.is_file():
-                problems.append(f"{idx}: DALI index is missing")
-            else:
-                head = idx.read_text().split("\n", 1)[0].split()
-                if len(head) != 2 or head[1] != str(entry.get("num_samples")):
-                    problems.append(f"{idx}: header {' '.join(head)!r} does not list {entry.get('num_samples')} samples")
-            classes: Counter = Counter()
-            n = 0
-            try:
-                for key, members in iter_samples(tar_path):
-                    n += 1
-                    bar.update(1)
-                    label, found = _check_sample(key, members, tar_path.name)
-                    problems.extend(found)
-                    if label is not None:
-                        classes[CLASS_NAMES[label]] += 1
-                    if key in seen:
-                        problems.append(f"{tar_path.name}: sample {key} also in {seen[key]}")
-                    seen[key] = f"{split}:{tar_path.name}"
-            except (tarfile.TarError, OSError, EOFError) as e:
-                problems.append(f"{tar_path}: cannot read the tar ({type(e).__name__}: {e})")
-            if n != entry.get("num_samples"):
-                problems.append(f"{tar_path}: {n} samples, manifest says {entry.get('num_samples')}")
-            want = {c: int(entry.get("classes", {}).get(c, 0)) for c in CLASS_NAMES}
-            if {c: classes[c] for c in CLASS_NAMES} != want:
-                problems.append(f"{tar_path}: classes {dict(classes)}, manifest says {want}")
-            split_classes.update(classes)
-            n_split += n
-        if n_split != info.get("num_samples"):
-            problems.append(f"split {split}: {n_split} samples in its shards, manifest says {info.get('num_samples')}")
-        want = {c: int(info.get("classes", {}).get(c, 0)) for c in CLASS_NAMES}
-        if {c: split_classes[c] for c in CLASS_NAMES} != want:
-            problems.append(f"split {split}: classes {dict(split_classes)}, manifest says {want}")
-    bar.close()
-    return problems
-
-
-def contact_sheet(root: Path, manifest: dict, path: Path, n: int, thumb: int, seed: int) -> int:
-    """Draw ``n`` random samples (label + split captions) into ``path``, written atomically; returns count."""
-    shards = [(split, e["name"], int(e["num_samples"])) for split, info in manifest["splits"].items()
-              for e in info.get("shards", [])]
-    flat = [(split, name, i) for split, name, k in shards for i in range(k)]
+def contact_sheet(root: Path, manifest: dict, path: Path, n: int, thumb: int, seed: int) -> Tuple[int, List[str]]:
+    """Draw ``n`` random samples (label + split captions) into ``path``, written atomically (not written when
+    no sample could be drawn); returns (samples drawn, one line per skipped sample or unreadable shard)."""
+    shards = [(split, e["name"], e["num_samples"]) for split, info in manifest["splits"].items()
+              for e in info["shards"]]
+    flat = [(split, name, i) for split, name, k in shards for i in range(max(0, k))]
     chosen = sorted(random.Random(seed).sample(range(len(flat)), min(n, len(flat))))
     want = defaultdict(set)
     for j in chosen:
         split, name, i = flat[j]
         want[(split, name)].add(i)
-    tiles = []
-    for (split, name), idxs in want.items():
-        for i, (key, members) in enumerate(iter_samples(root / name)):
-            if i in idxs:
-                ext = next(e for e in members if e in IMAGE_EXTS)
-                img = Image.fromarray(load_rgb(members[ext])).resize((thumb, thumb), Image.BILINEAR)
-                tiles.append((img, f"{CLASS_NAMES[int(members['cls'])]} / {split}"))
+    tiles, skipped = _draw_tiles(root, want, thumb)
+    if not tiles:
+        return 0, skipped
     cols = max(1, int(len(tiles) ** 0.5 + 0.999))
     rows = max(1, (len(tiles) + cols - 1) // cols)
     cap = 14
@@ -194,28 +120,103 @@ def contact_sheet(root: Path, manifest: dict, path: Path, n: int, thumb: int, se
         draw.text((x + 2, y + thumb), text, fill="red" if text.startswith("fake") else "blue")
     with fsutil.atomic_open(path, "wb") as f:
         sheet.save(f, format="PNG")
-    return len(tiles)
+    return len(tiles), skipped
+
+
+def grid_path_problem(grid: Path, root: Path, manifest: dict) -> Optional[str]:
+    """Why ``--grid`` must not be written there (one line), or None."""
+    ours = {MANIFEST} | {n for info in manifest["splits"].values() for e in info["shards"]
+                         for n in (e["name"], e.get("index", ""))}
+    if grid.resolve().parent == root.resolve() and grid.name in ours:
+        return f"--grid {grid} would overwrite the pack output's own {grid.name}"
+    if grid.suffix.lower() != ".png":
+        return f"--grid {grid}: expected a .png file name"
+    if grid.is_dir():
+        return f"--grid {grid} is a folder"
+    if grid.exists():
+        try:
+            with open(grid, "rb") as f:
+                magic = f.read(8)
+        except OSError as e:
+            return f"--grid {grid}: cannot read the existing file ({e.strerror or e})"
+        if magic != b"\x89PNG\r\n\x1a\n":
+            return f"--grid {grid} exists and is not a PNG: refusing to overwrite it"
+    return None
 
 
 def summary(manifest: dict) -> List[str]:
+    """The manifest in a few lines (``manifest`` has passed ``check_manifest``; other fields may be anything)."""
     lines = [f"{manifest.get('tool')} {manifest.get('version')} (format {manifest.get('format_version')}), "
              f"seed {manifest.get('seed')}, val fraction {manifest.get('val_fraction')}"]
     for split, info in manifest["splits"].items():
-        lines.append(f"{split:<6} {info['num_samples']:>8} samples {info.get('classes')} in {len(info.get('shards', []))} shards")
-    for name, c in manifest.get("counts", {}).items():
+        lines.append(f"{split:<6} {info['num_samples']:>8} samples {info.get('classes')} in {len(info['shards'])} shards")
+    counts = manifest.get("counts")
+    for name, c in (counts.items() if isinstance(counts, dict) else []):
+        c = c if isinstance(c, dict) else {}
         lines.append(f"{name:<6} found {c.get('found')}, kept {c.get('kept')}, duplicates {c.get('duplicates')}, "
                      f"skipped {c.get('skipped')} {c.get('reasons', {})}")
-    lines.append(f"conflicts (bytes under both labels, excluded): {len(manifest.get('conflicts', []))}")
-    lines += [f"warning: {w}" for w in manifest.get("warnings", [])]
+    conflicts = manifest.get("conflicts")
+    lines.append(f"conflicts (bytes under both labels, excluded): {len(conflicts) if isinstance(conflicts, list) else 0}")
+    warnings = manifest.get("warnings")
+    lines += [f"warning: {w}" for w in (warnings if isinstance(warnings, list) else [])]
     return lines
+
+
+def load_manifest(root: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(manifest, None), or (None, the one-line error)."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None, f"{path} is missing: {root} is not a complete pack output"
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"{path} is not a deepfake-pack manifest ({type(e).__name__}: {e})"
+    why = check_manifest(manifest)
+    if why:
+        return None, f"{path} is not a deepfake-pack manifest ({why})"
+    return manifest, None
+
+
+def _run_verify(root: Path, manifest: dict, shown: Optional[str] = None) -> int:
+    problems = verify(root, manifest)
+    problems = [p.replace(str(root), shown) for p in problems] if shown else problems
+    for p in problems[:_MAX_PROBLEMS_SHOWN]:
+        logger.error("problem: %s", p)
+    if len(problems) > _MAX_PROBLEMS_SHOWN:
+        logger.error("... and %d more problems", len(problems) - _MAX_PROBLEMS_SHOWN)
+    if problems:
+        logger.error("verify: FAILED with %d problem(s) in %s", len(problems), shown or root)
+        return 1
+    logger.info("verify: OK (%d samples)", sum(s["num_samples"] for s in manifest["splits"].values()))
+    return 0
+
+
+def _run_grid(root: Path, manifest: dict, args: argparse.Namespace) -> int:
+    try:
+        k, skipped = contact_sheet(root, manifest, Path(args.grid), args.n, args.thumb, args.seed)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename and str(e.filename) != str(args.grid) else ""
+        logger.error("error: cannot write --grid %s: %s%s", args.grid, where, e.strerror or e)
+        return 2
+    for line in skipped[:_MAX_PROBLEMS_SHOWN]:
+        logger.warning("grid: skipped %s", line)
+    if k:
+        logger.info("contact sheet of %d samples written to %s", k, args.grid)
+    if skipped:
+        logger.error("error: --grid: %d sample(s) or shard(s) could not be drawn, e.g. %s; %s; run --verify",
+                     len(skipped), skipped[0], f"{k} drawn" if k else "nothing written")
+        return 1
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.n < 1 or args.thumb < 8:
-        parser.error(f"--n must be >= 1 and --thumb >= 8, got {args.n} and {args.thumb}")
+    if not 1 <= args.n <= _MAX_N:
+        parser.error(f"--n must be in [1, {_MAX_N}], got {args.n}")
+    if not 8 <= args.thumb <= _MAX_THUMB:
+        parser.error(f"--thumb must be in [8, {_MAX_THUMB}], got {args.thumb}")
     try:
         parse_storage_options(args.storage_options)
     except ValueError as e:
@@ -228,35 +229,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def inspect_folder(args: argparse.Namespace, root: Path, shown: Optional[str] = None) -> int:
-    """Summary, --verify and --grid of the pack output in the local folder ``root``; messages name it ``shown``."""
-    path = root / MANIFEST
-    if not path.is_file():
-        logger.error("error: %s is missing: %s is not a complete pack output", path, root)
-        return 2
-    try:
-        manifest = json.loads(path.read_text())
-        manifest["splits"]
-    except (ValueError, KeyError, TypeError) as e:
-        logger.error("error: %s is not a deepfake-pack manifest (%s)", path, e)
+    """Summary, --verify and --grid of the pack output in the local folder ``root``; messages name it
+    ``shown`` (the URL it was downloaded from) when given."""
+    manifest, error = load_manifest(root)
+    if error is None and args.grid:
+        error = grid_path_problem(Path(args.grid), root, manifest)
+    if error:
+        logger.error("error: %s", error.replace(str(root), shown) if shown else error)
         return 2
     for line in summary(manifest):
         logger.info(line)
-    rc = 0
-    if args.verify:
-        problems = verify(root, manifest)
-        problems = [p.replace(str(root), shown) for p in problems] if shown else problems
-        for p in problems[:_MAX_PROBLEMS_SHOWN]:
-            logger.error("problem: %s", p)
-        if len(problems) > _MAX_PROBLEMS_SHOWN:
-            logger.error("... and %d more problems", len(problems) - _MAX_PROBLEMS_SHOWN)
-        if problems:
-            logger.error("verify: FAILED with %d problem(s) in %s", len(problems), shown or root)
-            rc = 1
-        else:
-            logger.info("verify: OK (%d samples)", sum(s["num_samples"] for s in manifest["splits"].values()))
+    rc = _run_verify(root, manifest, shown) if args.verify else 0
     if args.grid:
-        k = contact_sheet(root, manifest, Path(args.grid), args.n, args.thumb, args.seed)
-        logger.info("contact sheet of %d samples written to %s", k, args.grid)
+        rc = max(rc, _run_grid(root, manifest, args))
     return rc
 
 

@@ -8,10 +8,15 @@ Three phases, memory flat in the bytes packed:
 3. write: each shard is written by a worker (``shard_tools.writer``) under a ``.tmp-*`` name then
    renamed, with its DALI ``.idx``; ``manifest.json`` last, atomically.
 
-Output folder: a complete one (with ``manifest.json``) is only replaced with ``--overwrite``; one
-without a manifest is an interrupted run: its shards and ``.tmp-*`` leftovers are removed and it is
-rebuilt. Same inputs and seed → byte-identical shards, also after a SIGKILL and rerun.
-Exit codes: 0 ok, 2 missing input / bad flag / nothing packed / ``--strict`` with skips / existing output.
+Output folder (``shard_tools.outdir``): the pack only ever removes files it can prove it wrote (listed in
+its ``manifest.json`` or its run marker, or their temp files); any other entry in ``--out`` makes it refuse,
+naming the entry. A complete output (with ``manifest.json``) is only replaced with ``--overwrite``; an
+interrupted run's files are removed and the output rebuilt. An exclusive lock in ``--out`` is held for the
+whole run: a second pack on the same folder fails at once. ``--out`` must not be inside an input folder,
+nor an input folder inside it. Input roots are normalised, so the bytes do not depend on their spelling.
+Same inputs and seed → byte-identical shards, also after a SIGKILL and rerun.
+Exit codes: 0 ok, 2 missing input / bad flag / nothing packed / ``--strict`` with skips / existing or
+foreign output / output being written by another pack.
 """
 from __future__ import annotations
 
@@ -34,35 +39,40 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from shard_tools import fsutil
-from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
+from shard_tools import fsutil, outdir
 from shard_tools.format import CLASS_NAMES, MANIFEST, is_remote
-from shard_tools.inputs import InputError, Skip, collect
-from shard_tools.plan import SPLITS, Item, histograms, make_plan, shortcut_warnings
+from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
+from shard_tools.inputs import InputError, Skip, check_apart, collect, normalized_root
+from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
 from shard_tools.storage import StorageError, parse_storage_options
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
-TOOL, VERSION, FORMAT_VERSION = "deepfake-pack", "0.1.0", 1
+TOOL, VERSION, FORMAT_VERSION = outdir.TOOL, "0.1.0", 1
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=TOOL, description=__doc__.split("\n")[0].split(": ", 1)[1],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="Accepted images: JPEG, PNG, WebP, BMP by content (not extension). Kept as original bytes when "
-               "8-bit RGB/grayscale JPEG/PNG/WebP without EXIF rotation, else stored as a lossless PNG of the "
-               "upright RGB pixels (CMYK, 16-bit, alpha dropped, palette, BMP, EXIF-rotated). Skipped with a "
-               "reason: zero-byte, not-an-image, unsupported-format (GIF, TIFF, ...), animated, truncated, "
+        epilog="Accepted images: JPEG, PNG, WebP, BMP, MPO, TIFF, AVIF (HEIC with a Pillow plugin) by content "
+               "(not extension). Kept as original bytes when 8-bit RGB/grayscale JPEG/PNG/WebP without EXIF "
+               "rotation (an MPO: its first JPEG image), else stored as a lossless PNG of the upright RGB pixels "
+               "(CMYK, 16-bit, alpha dropped, palette, BMP, TIFF, AVIF, EXIF-rotated). Skipped with a "
+               "reason: zero-byte, not-an-image, unsupported-format (GIF, ICO, DNG, ...), animated, truncated, "
                "corrupt, unsupported-mode, too-small, too-large, unreadable, broken-symlink, not-a-file, "
-               "missing, hidden, symlink-loop, bad-csv-row, label-conflict. Exact duplicates within a class "
-               "are kept once and counted. Exit codes: 0 ok; 2 missing input, bad flag, nothing packed, "
-               "--strict with any skip, or a complete output without --overwrite.")
+               "missing, hidden, symlink-loop, bad-csv-row, outside-root, label-conflict. Exact duplicates "
+               "within a class are kept once and counted. --out may hold only this tool's own files. Exit "
+               "codes: 0 ok; 2 missing input, bad flag, nothing packed, --strict with any skip, a complete "
+               "output without --overwrite, a file in --out this tool did not write, --out inside an input "
+               "(or an input inside --out), or --out being written by another deepfake-pack.")
     g = p.add_argument_group("data")
     g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked recursively")
     g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) of fake images (label 1), walked recursively")
     g.add_argument("--csv", default=None, metavar="FILE", help="CSV with rows image,label (REAL/FAKE any case, or 0/1; optional header)")
     g.add_argument("--images-root", default=None, metavar="DIR", help="folder the CSV image paths are relative to (None: the CSV's folder)")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="read CSV rows whose image is an absolute path or leaves --images-root via '..' (else skipped as outside-root)")
     g.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="skip images whose shorter side is below this (too-small)")
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this (too-large; decompression bombs)")
     g = p.add_argument_group("split and shards")
@@ -71,11 +81,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-size", type=int, default=1000, help="target samples per shard")
     g.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split where there are enough samples (warns otherwise)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, metavar="OUT", help="output folder (shards, .idx files, manifest.json), or a URL "
-                   "(s3://bucket/prefix, any fsspec URL): packed in a temp folder, then uploaded, manifest last")
+    g.add_argument("--out", required=True, metavar="OUT",
+                   help="output folder (shards, .idx files, manifest.json): new, empty, or an earlier output of this "
+                        "tool; or a URL (s3://bucket/prefix, any fsspec URL): packed in a temp folder, then uploaded, "
+                        "manifest last")
     g.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL --out: JSON of fsspec filesystem "
                    "arguments, e.g. '{\"endpoint_url\": \"http://host:9000\"}', plus connect_timeout, read_timeout, attempts")
-    g.add_argument("--overwrite", action="store_true", help="replace a complete output folder (one with manifest.json)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a complete output (one with manifest.json): removes only the files its manifest lists")
     g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
     g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())), help="processes that read, hash, decode and write")
     return p
@@ -96,6 +109,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"--storage-options is for a URL --out (s3://bucket/prefix, ...), got the folder {args.out}")
     except ValueError as e:
         p.error(str(e))
+    if args.allow_outside_root and not args.csv:
+        p.error("--allow-outside-root needs --csv")
 
 
 def _inspect(path: str, min_size: int, max_pixels: int):
@@ -103,21 +118,6 @@ def _inspect(path: str, min_size: int, max_pixels: int):
         return inspect_file(path, min_size=min_size, max_pixels=max_pixels)
     except BadImage as e:
         return e
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Remove what an earlier run left; a complete output is removed only with ``overwrite``."""
-    replacing = (out / MANIFEST).exists()
-    if replacing:
-        (out / MANIFEST).unlink()  # first: from here on the folder reads as incomplete
-    stale = sorted(p for s in SPLITS for p in out.glob(f"{s}-[0-9]*.*") if p.suffix in (".tar", ".idx"))
-    tmp = fsutil.remove_temp_files(out)
-    if replacing:
-        logger.info("%s: replacing the complete output (--overwrite): removing %d shard/index files", out, len(stale))
-    elif stale or tmp:
-        logger.info("%s: incomplete output, rebuilding (removing %d shard/index files, %d temp files)", out, len(stale), tmp)
-    for p in stale:
-        p.unlink()
 
 
 def _summary(counts: dict, skips: List[Skip]) -> List[str]:
@@ -137,70 +137,105 @@ def _summary(counts: dict, skips: List[Skip]) -> List[str]:
     return lines
 
 
+def _normalize_paths(args: argparse.Namespace) -> None:
+    """Input and output paths through ``os.path.normpath`` (manifest and shards never depend on the spelling)."""
+    args.real = [normalized_root("--real", r) for r in args.real]
+    args.fake = [normalized_root("--fake", r) for r in args.fake]
+    args.out = normalized_root("--out", args.out)
+    if args.csv is not None:
+        args.csv = normalized_root("--csv", args.csv)
+        args.images_root = normalized_root("--images-root", args.images_root or str(Path(args.csv).parent))
+
+
+def _check_layout(args: argparse.Namespace) -> Path:
+    """Fail before anything is written: --out apart from the inputs, and holding nothing that is not ours."""
+    out = Path(args.out)
+    folders = [("--real", r) for r in args.real] + [("--fake", f) for f in args.fake]
+    check_apart(out, [(flag, f) for flag, f in folders if os.path.isdir(f)],
+                args.images_root if args.csv is not None and os.path.isdir(args.images_root) else None)
+    outdir.survey(out, args.overwrite)
+    return out
+
+
+def _inspect_all(args: argparse.Namespace, cands, pool, workers: int) -> List[Item | Skip]:
+    fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels)
+    paths = [c.path for c in cands]
+    chunk = max(1, min(64, len(paths) // (workers * 16) or 1))
+    results = pool.imap(fn, paths, chunksize=chunk) if pool else map(fn, paths)
+    out: List[Item | Skip] = []
+    for cand, res in tqdm(zip(cands, results), total=len(cands), desc="inspect", unit="img", dynamic_ncols=True):
+        if isinstance(res, BadImage):
+            out.append(Skip(cand.path, CLASS_NAMES[cand.label], res.reason, res.detail))
+        else:
+            out.append(Item(cand, res))
+    return out
+
+
+def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, pool) -> dict:
+    tasks = [(out, f"{split}-{i:06d}.tar", shard, args.max_pixels)
+             for split in SPLITS for i, shard in enumerate(plan.splits[split])]
+    planned = [name for _, tar, _, _ in tasks for name in (tar, tar[:-4] + ".idx")]
+    state = outdir.survey(out, args.overwrite, locked=True)  # re-checked just before anything is replaced
+    outdir.prepare(out, state, planned)
+    entries = {}
+    bar = tqdm(total=n_kept, desc="write", unit="img", dynamic_ncols=True)
+    done = pool.imap_unordered(write_shard_task, tasks) if pool else map(write_shard_task, tasks)
+    for entry in done:
+        entries[entry["name"]] = entry
+        bar.update(entry["num_samples"])
+    bar.close()
+    return entries
+
+
 def run(args: argparse.Namespace) -> int:
     if is_remote(str(args.out)):
         from shard_tools.remote import pack_to_url
 
         return pack_to_url(args, run)
-    out = Path(args.out)
-    if (out / MANIFEST).exists() and not args.overwrite:
-        raise InputError(f"--out {out} already holds a complete pack output ({MANIFEST}); pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, expected a folder")
+    _normalize_paths(args)
+    out = _check_layout(args)
     t0 = time.time()
-    cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out)
-    logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
-    workers = min(args.workers, max(1, len(cands)))
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels)
-        paths = [c.path for c in cands]
-        chunk = max(1, min(64, len(paths) // (workers * 16) or 1))
-        results = pool.imap(fn, paths, chunksize=chunk) if pool else map(fn, paths)
-        items: List[Item] = []
-        for cand, res in tqdm(zip(cands, results), total=len(cands), desc="inspect", unit="img", dynamic_ncols=True):
-            if isinstance(res, BadImage):
-                skips.append(Skip(cand.path, CLASS_NAMES[cand.label], res.reason, res.detail))
-            else:
-                items.append(Item(cand, res))
-        t_inspect = time.time() - t0
-        plan = make_plan(items, val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size,
-                         min_shards=args.min_shards)
-        skips.extend(plan.skips)
-        n_kept = sum(len(v) for v in plan.kept.values())
-        if n_kept == 0:
-            raise InputError(f"nothing to pack: {len(cands)} candidate files, none usable "
-                             f"({dict(Counter(s.reason for s in skips))})")
-        if args.strict and skips:
-            s = skips[0]
-            raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {s.path}: {s.reason}: {s.detail}")
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_output(out, args.overwrite)
-        tasks = [(out, f"{split}-{i:06d}.tar", shard, args.max_pixels)
-                 for split in SPLITS for i, shard in enumerate(plan.splits[split])]
-        entries = {}
-        bar = tqdm(total=n_kept, desc="write", unit="img", dynamic_ncols=True)
-        done = pool.imap_unordered(write_shard_task, tasks) if pool else map(write_shard_task, tasks)
-        for entry in done:
-            entries[entry["name"]] = entry
-            bar.update(entry["num_samples"])
-        bar.close()
-        logger.info("inspect %.1fs, write %.1fs", t_inspect, time.time() - t0 - t_inspect)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    manifest = build_manifest(args, plan, entries, skips)
-    fsutil.atomic_write_json(out / MANIFEST, manifest)
-    dt = time.time() - t0
+    with outdir.OutputLock(out):
+        cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out, args.allow_outside_root)
+        logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
+        workers = min(args.workers, max(1, len(cands)))
+        pool = multiprocessing.Pool(workers) if workers > 1 else None
+        try:
+            results = _inspect_all(args, cands, pool, workers)
+            items = [r for r in results if isinstance(r, Item)]
+            skips += [r for r in results if isinstance(r, Skip)]
+            t_inspect = time.time() - t0
+            plan = make_plan(items, val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size,
+                             min_shards=args.min_shards)
+            skips.extend(plan.skips)
+            n_kept = sum(len(v) for v in plan.kept.values())
+            if n_kept == 0:
+                raise InputError(f"nothing to pack: {len(cands)} candidate files, none usable "
+                                 f"({dict(Counter(s.reason for s in skips))})")
+            if args.strict and skips:
+                s = skips[0]
+                raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {s.path}: {s.reason}: {s.detail}")
+            entries = _write_all(args, out, plan, n_kept, pool)
+            logger.info("inspect %.1fs, write %.1fs", t_inspect, time.time() - t0 - t_inspect)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+        manifest = build_manifest(args, plan, entries, skips)
+        fsutil.atomic_write_json(out / MANIFEST, manifest)
+        outdir.finish(out)
+    _report(manifest, skips, n_kept, len(entries), len(cands), out, time.time() - t0)
+    return 0
+
+
+def _report(manifest: dict, skips: List[Skip], n_kept: int, n_shards: int, n_cands: int, out: Path, dt: float) -> None:
     for line in _summary(manifest["counts"], skips):
         logger.info(line)
     for w in manifest["warnings"]:
         logger.warning("warning: %s", w)
     logger.info("packed %d samples (train %d, val %d) into %d shards in %s in %.1fs (%.0f img/s)", n_kept,
-                manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"], len(entries),
-                out, dt, len(cands) / max(dt, 1e-9))
-    return 0
+                manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"], n_shards,
+                out, dt, n_cands / max(dt, 1e-9))
 
 
 def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Skip]) -> dict:
@@ -223,8 +258,7 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
-        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv,
-                   "images_root": None if args.csv is None else (args.images_root or str(Path(args.csv).parent))},
+        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},
         "counts": counts,
         "skipped": [s.to_dict() for s in skips],
         "duplicates": plan.duplicates,

@@ -20,8 +20,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
-from shard_tools.imageio import ImageInfo
 from shard_tools.format import CLASS_NAMES
+from shard_tools.imageio import ImageInfo
+from shard_tools.jpeg import quality_bucket
 from shard_tools.inputs import Candidate, Skip
 
 SPLITS = ("train", "val")
@@ -132,7 +133,8 @@ def _size_bin(w: int, h: int) -> str:
 
 
 def histograms(items: List[Item]) -> Dict[str, dict]:
-    """Per class: counts of format and of image size ``WxH`` (100 most common, the rest as ``other``)."""
+    """Per class: counts of format, of image size ``WxH`` (100 most common, the rest as ``other``), of the
+    shorter side (powers of two) and of the estimated JPEG quality of JPEG sources (nearest 5)."""
     out = {}
     for label, name in enumerate(CLASS_NAMES):
         mine = [it.info for it in items if it.cand.label == label]
@@ -141,8 +143,10 @@ def histograms(items: List[Item]) -> Dict[str, dict]:
         top = dict(size.most_common(_MAX_HIST_BINS))
         if len(size) > _MAX_HIST_BINS:
             top["other"] = sum(size.values()) - sum(top.values())
+        quality = Counter(quality_bucket(i.jpeg_quality) for i in mine if i.jpeg_quality is not None)
         out[name] = {"format": dict(sorted(fmt.items())), "size": top,
-                     "shorter_side": dict(sorted(Counter(_size_bin(i.width, i.height) for i in mine).items()))}
+                     "shorter_side": dict(sorted(Counter(_size_bin(i.width, i.height) for i in mine).items())),
+                     "jpeg_quality": dict(sorted(quality.items(), key=lambda kv: int(kv[0])))}
     return out
 
 
@@ -154,7 +158,7 @@ def _tv(a: Dict[str, int], b: Dict[str, int]) -> float:
 
 
 def shortcut_warnings(hist: Dict[str, dict], threshold: float = 0.2) -> List[str]:
-    """Warn when real and fake differ in format or size: a detector learns that instead of the fakery."""
+    """Warn when real and fake differ in format, size or JPEG quality: a detector learns that instead of the fakery."""
     out = []
     for what in ("format", "shorter_side"):
         a, b = hist["real"][what], hist["fake"][what]
@@ -168,4 +172,10 @@ def shortcut_warnings(hist: Dict[str, dict], threshold: float = 0.2) -> List[str
         out.append(f"real and fake differ in image size (total variation {_tv(a, b):.2f}): "
                    f"real {dict(Counter(a).most_common(3))}, fake {dict(Counter(b).most_common(3))}; "
                    "a detector can learn this shortcut")
+    a, b = hist["real"].get("jpeg_quality", {}), hist["fake"].get("jpeg_quality", {})
+    if _tv(a, b) > threshold:
+        out.append(f"real and fake differ in JPEG quality (total variation {_tv(a, b):.2f}): "
+                   f"real {dict(Counter(a).most_common(3))}, fake {dict(Counter(b).most_common(3))}; "
+                   "a detector can learn the compression instead of the fakery: re-encode both classes "
+                   "at one quality (or the same mix of qualities) before packing")
     return out

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import List
 
-from shard_tools.fsutil import TMP_PREFIX, atomic_open
+from shard_tools.fsutil import atomic_open, atomic_path
 from shard_tools.imageio import BadImage, read_bytes, stored_bytes
 from shard_tools.format import CLASS_NAMES
 from shard_tools.plan import Item
@@ -87,19 +85,12 @@ def write_index(tar_path: Path, idx_path: Path) -> None:
     """DALI index with the wheel's own ``wds2idx`` (via GNU tar), to a temp name then renamed."""
     from wds2idx import IndexCreator
 
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{idx_path.name}.", dir=idx_path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(idx_path) as tmp:
         creator = IndexCreator(str(tar_path), tmp, verbose=False)
-        creator.create_index()
-        creator.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, idx_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            creator.create_index()
+        finally:
+            creator.close()
 
 
 def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dict:

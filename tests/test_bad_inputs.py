@@ -73,6 +73,7 @@ def build_corpus(root: Path):
     put(fake / "palette.png", encode(make_face(rng, 40), "PNG", mode="P"), "palette", True)
     put(fake / "bilevel.png", encode(make_face(rng, 40), "PNG", mode="1"), "low-bit-depth", True)
     put(fake / "pic.bmp", encode(make_face(rng, 40), "BMP"), "bmp", True)
+    put(fake / "scan.tif", encode(make_face(rng, 40), "TIFF"), "tiff", True)
     exif = Image.Exif()
     exif[0x0112] = 6
     put(fake / "rotated.jpg", encode(make_face(rng, 48)[:, :36], "JPEG", exif=exif.tobytes()), "exif-rotated", True)
@@ -90,7 +91,6 @@ def build_corpus(root: Path):
     put(real / "zero_sof.jpg", bytes(zero_sof), "corrupt", False)
     put(real / "bad_ihdr.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "corrupt", False)
     put(real / "anim.gif", encode(face, "GIF"), "unsupported-format", False)
-    put(real / "scan.tif", encode(face, "TIFF"), "unsupported-format", False)
     put(real / "icon.ico", encode(face, "ICO"), "unsupported-format", False)
     put(fake / "anim.webp", encode(face, "WEBP", save_all=True, append_images=[Image.fromarray(255 - face)]), "animated", False)
     put(fake / "anim.png", encode(face, "PNG", save_all=True, append_images=[Image.fromarray(255 - face)]), "animated", False)

@@ -83,3 +83,53 @@ def test_summary_and_help_as_file(packed: Path):
     assert r.returncode == 0, r.stderr
     manifest = json.loads((packed / "manifest.json").read_text())
     assert f"{'train':<6} {manifest['splits']['train']['num_samples']:>8} samples" in r.stderr
+
+
+def test_verify_catches_an_index_of_another_shard_with_the_same_count(packed_copy: Path, caplog):
+    a, b = packed_copy / "train-000000.idx", packed_copy / "train-000001.idx"
+    head = a.read_text().split("\n", 1)[0]
+    assert head == b.read_text().split("\n", 1)[0]  # same "v1.2 N" header
+    n = int(head.split()[1])
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    assert inspect_main([str(packed_copy), "--verify"]) == 1
+    assert f"{a}: {n} of {n} sample lines do not match the members of train-000000.tar" in caplog.text
+    assert f"{b}: {n} of {n} sample lines do not match" in caplog.text
+    assert "sha256 differs" not in caplog.text  # the tars themselves are fine
+
+
+def test_verify_catches_one_shifted_offset(packed_copy: Path, caplog):
+    idx = packed_copy / "val-000001.idx"
+    lines = idx.read_text().split("\n")
+    n = int(lines[0].split()[1])
+    parts = lines[2].split()
+    parts[5] = str(int(parts[5]) + 512)  # the second sample's image member, one block off
+    lines[2] = " ".join(parts)
+    idx.write_text("\n".join(lines))
+    assert inspect_main([str(packed_copy), "--verify"]) == 1
+    assert f"{idx}: 1 of {n} sample lines do not match the members of val-000001.tar (line 3: index has 'jpg" in caplog.text
+
+
+def damage_one_image(shard: Path) -> str:
+    """Overwrite the first image member's bytes with noise (same size: the tar stays readable); returns its key."""
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        jpg = next(m for m in tar if m.name.endswith(".jpg"))
+    data[jpg.offset_data:jpg.offset_data + jpg.size] = bytes(range(256)) * (jpg.size // 256) + bytes(jpg.size % 256)
+    shard.write_bytes(bytes(data))
+    return jpg.name.split(".")[0]
+
+
+def test_grid_skips_and_counts_bad_samples_of_a_corrupt_shard(packed_copy: Path, tmp_path: Path, caplog):
+    key = damage_one_image(packed_copy / "train-000002.tar")
+    (packed_copy / "val-000000.tar").write_bytes((packed_copy / "val-000000.tar").read_bytes()[:5000])
+    sheet = tmp_path / "sheet.png"
+    assert inspect_main([str(packed_copy), "--grid", str(sheet), "--n", "80", "--thumb", "16"]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and "could not be drawn" in errors[0]
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("grid: skipped")]
+    assert any(f"train-000002.tar: sample {key}:" in s for s in skipped)
+    assert any("val-000000.tar" in s for s in skipped)
+    drawn = Image.open(sheet)
+    assert drawn.format == "PNG" and drawn.size[0] > 0 and not list(tmp_path.glob(".tmp-*"))

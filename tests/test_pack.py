@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
 from conftest import make_face, make_image_dirs, pack_dirs, write_image
 
 from shard_tools.pack import main as pack_main
@@ -148,19 +152,43 @@ def test_refuses_complete_output_and_overwrites(tmp_path: Path, caplog):
     assert pack_main(args + ["--overwrite"]) == 0 and shard_files(out) == before
 
 
-def test_incomplete_output_is_rebuilt(tmp_path: Path, caplog):
+def interrupted_pack(real: Path, fake: Path, out: Path, monkeypatch, *extra: str) -> None:
+    """A pack that dies after writing its shards, before its manifest (as a crash would)."""
+    import shard_tools.pack as pack_module
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as m:
+        m.setattr(pack_module, "build_manifest", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", "1", *extra])
+    assert not (out / "manifest.json").exists() and list(out.glob("*.tar")) and (out / ".deepfake-pack-run.json").exists()
+
+
+def test_incomplete_output_is_rebuilt(tmp_path: Path, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
     real, fake = make_image_dirs(tmp_path / "in", n_real=8, n_fake=8)
     ref = shard_files(pack_dirs(real, fake, tmp_path / "ref", "--min-shards", "1"))
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "train-000007.tar").write_bytes(b"stale")
-    (out / ".tmp-train-000000.tar.abc").write_bytes(b"half")
-    (out / "notes.txt").write_text("not ours")
+    interrupted_pack(real, fake, out, monkeypatch, "--min-shards", "3")  # other flags: other shard names
+    (out / ".tmp-train-000000.tar.abc123_x").write_bytes(b"half")  # a temp file of one of its outputs
+    (out / ".deepfake-pack.lock").write_text("deepfake-pack pid 999999\n")  # left by a killed run
     pack_dirs(real, fake, out, "--min-shards", "1")
     assert "incomplete output, rebuilding" in caplog.text
     assert shard_files(out) == ref
-    assert (out / "notes.txt").exists() and not list(out.glob(".tmp-*"))
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".tar", ".idx")) == ["manifest.json"]
+
+
+def test_foreign_file_beside_an_interrupted_output_is_refused(tmp_path: Path, caplog, monkeypatch):
+    real, fake = make_image_dirs(tmp_path / "in", n_real=8, n_fake=8)
+    out = tmp_path / "out"
+    interrupted_pack(real, fake, out, monkeypatch, "--min-shards", "1")
+    (out / "notes.txt").write_text("not ours")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert pack_main(["--real", str(real), "--fake", str(fake), "--out", str(out), "--workers", "1"]) == 2
+    assert f"{out / 'notes.txt'}, which deepfake-pack did not write" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_kill_and_rerun_gives_identical_shards(tmp_path: Path):
@@ -191,9 +219,12 @@ def test_csv_input(tmp_path: Path):
     root = tmp_path / "images"
     for i in range(6):
         write_image(root / f"a{i}.jpg", make_face(rng, 32, fake=i % 2 == 1))
-    rows = ["image,label", "a0.jpg,REAL", "a1.jpg,fake", "a2.jpg,Real", "a3.jpg,1", "a4.jpg,0", "a5.jpg,FAKE",
-            "gone.jpg,REAL", "a0.jpg,maybe", "a1.jpg", ""]
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    write_image(tmp_path / "outside.jpg", make_face(rng, 32))
+    rows = ["image,label", "a0.jpg,REAL", "a1.jpg,fake", "a2.jpg,Real", "./a3.jpg,1", "a4.jpg,0", "sub/../a5.jpg,FAKE",
+            "gone.jpg,REAL", "a0.jpg,maybe", "a1.jpg", "", "../outside.jpg,REAL", f"{tmp_path / 'outside.jpg'},FAKE",
+            '"a2.jpg,REAL']
+    data = ("\n".join(rows) + "\n").encode() + b"\xff\xfe.jpg,REAL\n"
+    (tmp_path / "data.csv").write_bytes(data)
     out = tmp_path / "out"
     assert pack_main(["--csv", str(tmp_path / "data.csv"), "--images-root", str(root), "--out", str(out),
                       "--workers", "1", "--min-shards", "1"]) == 0
@@ -201,8 +232,11 @@ def test_csv_input(tmp_path: Path):
     labels = {json.loads(s["json"])["source"]: int(s["cls"]) for sp in ("train", "val") for s in read_back(out, sp)}
     assert labels == {"a0.jpg": 0, "a1.jpg": 1, "a2.jpg": 0, "a3.jpg": 1, "a4.jpg": 0, "a5.jpg": 1}
     reasons = sorted((s["path"].rsplit("/", 1)[-1], s["reason"]) for s in m["skipped"])
-    assert reasons == [("data.csv:10", "bad-csv-row"), ("data.csv:9", "bad-csv-row"), ("gone.jpg", "missing")]
+    assert reasons == [("data.csv:10", "bad-csv-row"), ("data.csv:12", "outside-root"), ("data.csv:13", "outside-root"),
+                       ("data.csv:14", "bad-csv-row"), ("data.csv:15", "bad-csv-row"), ("data.csv:9", "bad-csv-row"),
+                       ("gone.jpg", "missing")]
     assert m["inputs"]["csv"] == str(tmp_path / "data.csv")
+    assert not any("outside" in json.loads(s["json"])["source"] for sp in ("train", "val") for s in read_back(out, sp))
 
 
 def test_strict_missing_input_and_nothing_packed(tmp_path: Path, caplog):
@@ -238,7 +272,8 @@ def test_help_runs_as_file_and_explains_flags():
     for flag in ("--real", "--fake", "--csv", "--images-root", "--val-fraction", "--seed", "--shard-size",
                  "--min-shards", "--workers", "--min-size", "--max-pixels", "--strict", "--overwrite", "--out"):
         assert flag in r.stdout
-    assert "truncated" in r.stdout and "Exit codes" in r.stdout
+    text = " ".join(r.stdout.split())  # argparse wraps the epilog wherever the words fall
+    assert "truncated" in text and "Exit codes" in text
 
 
 def test_tar_bytes_match_tarfile(packed: Path):
@@ -265,3 +300,116 @@ def test_warns_when_classes_differ_in_format_or_size(tmp_path: Path, caplog):
     warnings = json.loads((out / "manifest.json").read_text())["warnings"]
     assert any("differ in format" in w for w in warnings) and any("differ in image size" in w for w in warnings)
     assert "shortcut" in caplog.text
+
+
+def test_outputs_get_the_mode_open_would_give(tmp_path: Path):
+    real, fake = make_image_dirs(tmp_path / "in", n_real=4, n_fake=4)
+    old = os.umask(0o027)
+    try:
+        out = pack_dirs(real, fake, tmp_path / "out", "--min-shards", "1")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+    assert {n for n in modes if n.endswith(".idx")} and set(modes.values()) == {0o640}, modes
+
+
+def test_spelling_of_an_input_path_does_not_change_the_bytes(tmp_path: Path, monkeypatch):
+    make_image_dirs(tmp_path / "faces", n_real=6, n_fake=6)
+    monkeypatch.chdir(tmp_path)
+    outs = []
+    for i, (real, fake) in enumerate([("faces/real", "faces/fake"), ("faces/real/", "./faces//fake/"),
+                                      ("./faces/real", "faces/./fake")]):
+        outs.append(pack_dirs(Path(real) if i == 0 else real, fake, tmp_path / f"o{i}", "--min-shards", "1"))
+    files = [shard_files(o) for o in outs]
+    assert files[0] == files[1] == files[2] and files[0]
+    roots = {json.loads(s["json"])["root"] for s in read_back(outs[1], "train")}
+    assert roots <= {"faces/real", "faces/fake"}
+    inputs = [json.loads((o / "manifest.json").read_text())["inputs"] for o in outs]
+    assert inputs[0] == inputs[1] == inputs[2] == {"real": ["faces/real"], "fake": ["faces/fake"], "csv": None,
+                                                   "images_root": None}
+
+
+def camera_files(folder: Path, rng) -> dict:
+    """MPO, TIFF and (where Pillow writes it) AVIF files; returns {name: expected normalized}."""
+    from PIL import features
+
+    a, b = make_face(rng, 40), make_face(rng, 40)
+    Image.fromarray(a).save(folder / "stereo.mpo", format="MPO", save_all=True, append_images=[Image.fromarray(b)],
+                            quality=90)
+    Image.fromarray(make_face(rng, 40)).save(folder / "scan.tif", format="TIFF")
+    expect = {"stereo.mpo": "mpo-first-frame", "scan.tif": "tiff"}
+    if features.check("avif"):
+        Image.fromarray(make_face(rng, 40)).save(folder / "phone.avif", format="AVIF")
+        expect["phone.avif"] = "avif"
+    heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64)
+    (folder / "phone.heic").write_bytes(heic)
+    return expect
+
+
+def test_camera_and_phone_formats_are_packed(tmp_path: Path):
+    import cv2
+
+    from shard_tools.imageio import load_rgb
+
+    real, fake = make_image_dirs(tmp_path / "in", n_real=4, n_fake=4, size=40)
+    expect = camera_files(real, np.random.default_rng(8))
+    out = pack_dirs(real, fake, tmp_path / "out", "--min-shards", "1", "--val-fraction", "0")
+    m = json.loads((out / "manifest.json").read_text())
+    (heic,) = [s for s in m["skipped"] if s["path"].endswith("phone.heic")]
+    assert heic["reason"] == "unsupported-format" and "no decoder" in heic["detail"]
+    got = {}
+    for s in read_back(out, "train"):
+        meta = json.loads(s["json"])
+        if meta["source"] in expect:
+            got[meta["source"]] = (meta["normalized"], s)
+    assert {k: v[0] for k, v in got.items()} == expect
+    norm, s = got["stereo.mpo"]
+    jpg = s["jpg"]  # the first image's own JPEG stream, not a re-encoding
+    assert Image.open(io.BytesIO(jpg)).format == "JPEG" and len(jpg) < (real / "stereo.mpo").stat().st_size
+    want = load_rgb(real / "stereo.mpo")  # PIL: frame 0 of the MPO file
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")), want)
+    assert np.array_equal(cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB), want)
+    assert np.array_equal(dali_cpu_decode(jpg), want)
+    assert json.loads(s["json"])["format"] == "jpeg"
+    for name in set(expect) - {"stereo.mpo"}:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(got[name][1]["png"]))), load_rgb(real / name))
+
+
+def dali_cpu_decode(data: bytes) -> np.ndarray:
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def pipe():
+        return fn.decoders.image(fn.external_source(source=lambda: [np.frombuffer(data, np.uint8)], batch=True),
+                                 device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (images,) = p.run()
+    return np.asarray(images[0])
+
+
+@pytest.mark.parametrize("fake_quality,warned", [(75, True), (95, False)])
+def test_jpeg_quality_histogram_and_warning(tmp_path: Path, caplog, fake_quality, warned):
+    rng = np.random.default_rng(6)
+    for i in range(6):
+        write_image(tmp_path / "real" / f"r{i}.jpg", make_face(rng, 32), quality=95)
+        write_image(tmp_path / "fake" / f"f{i}.jpg", make_face(rng, 32, fake=True), quality=fake_quality)
+    out = pack_dirs(tmp_path / "real", tmp_path / "fake", tmp_path / "out", "--min-shards", "1")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["histograms"]["real"]["jpeg_quality"] == {"95": 6}
+    assert m["histograms"]["fake"]["jpeg_quality"] == {str(fake_quality): 6}
+    found = [w for w in m["warnings"] if "JPEG quality" in w]
+    assert bool(found) == warned and ("re-encode" in caplog.text) == warned
+    if warned:
+        assert "re-encode" in found[0] and "'95': 6" in found[0] and "'75': 6" in found[0]
+
+
+def test_jpeg_quality_estimate_recovers_the_encoder_setting():
+    from shard_tools.imageio import inspect_bytes
+
+    face = make_face(np.random.default_rng(2), 32)
+    for q in (10, 35, 50, 75, 90, 97, 100):
+        buf = io.BytesIO()
+        Image.fromarray(face).save(buf, "JPEG", quality=q)
+        assert inspect_bytes(buf.getvalue()).jpeg_quality == q
