@@ -40,17 +40,7 @@ from pipeline.training.config import LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SC
 logger = logging.getLogger(__name__)
 
 
-def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    d = TrainConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(
-        prog="deepfake-train", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a DeepfakeNet real/fake detector on deepfake-pack shards (single process, or many "
-                    "under `accelerate launch`). Defaults: AdamW, lr 1e-3 for a global batch of 64, cosine "
-                    "schedule with 1 warm-up epoch, BCE loss, the `seed` augmentation.",
-        epilog="Multi-process on CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 "
-               "--num_machines 1 --mixed_precision no --dynamo_backend no pipeline/train.py ... "
-               "(`accelerate launch --cpu` alone starts one process).",
-    )
+def _add_data_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True,
                    help="a deepfake-pack output (with manifest.json: train and val splits): a local folder or a URL "
@@ -76,6 +66,20 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
                    help="training augmentation preset (pipeline.augment.config.AugConfig): none, seed (the original's), robust (+blur, JPEG)")
     g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px ({MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE})")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = TrainConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="deepfake-train", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a DeepfakeNet real/fake detector on deepfake-pack shards (single process, or many "
+                    "under `accelerate launch`). Defaults: AdamW, lr 1e-3 for a global batch of 64, cosine "
+                    "schedule with 1 warm-up epoch, BCE loss, the `seed` augmentation.",
+        epilog="Multi-process on CPU: ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 "
+               "--num_machines 1 --mixed_precision no --dynamo_backend no pipeline/train.py ... "
+               "(`accelerate launch --cpu` alone starts one process).",
+    )
+    _add_data_args(p, d)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d["model"].default, help=f"model variant (model.create_model): {', '.join(list_models())}")
     g = p.add_argument_group("optim")

@@ -171,7 +171,7 @@ def _broken_copy(packed: Path, tmp_path: Path, how: str) -> Path:
         ("no-manifest", [], "manifest.json is missing"),
         ("no-val", [], "no 'val' split"),
         ("unknown-model", ["--model", "resnet9000"], "--model 'resnet9000': choose one of deepfakenet_base"),
-        ("small-image", ["--image-size", "16"], "--image-size 16: deepfakenet_tiny needs at least 32"),
+        ("small-image", ["--image-size", "16"], "--image-size 16: must be a whole number of pixels in [32, 4096]"),
         ("big-batch", ["--batch-size", "4096"], "--batch-size 4096: larger than each process's share"),
         ("bad-lr", ["--lr", "-1"], "--lr -1.0: must be a positive number"),
         ("out-not-run", [], "folder exists and is not empty"),

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from model import MIN_IMAGE_SIZE, list_models
+from model import list_models
 from pipeline.augment.config import PRESETS
 from pipeline.data.contract import BACKEND_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
@@ -86,9 +86,6 @@ class TrainConfig:
             choice("recipe", self.recipe, tuple(RECIPES))
         if self.mixed_precision is not None:
             choice("mixed-precision", self.mixed_precision, PRECISIONS)
-        if self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"--image-size {self.image_size}: {self.model} needs at least {MIN_IMAGE_SIZE} px "
-                             f"(it downsamples by 32)")
         for flag, value in (("epochs", self.epochs), ("batch-size", self.batch_size), ("grad-accum", self.grad_accum)):
             at_least(flag, value, 1)
         for flag, value in (("workers", self.workers), ("max-steps", self.max_steps), ("weight-decay", self.weight_decay),
