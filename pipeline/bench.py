@@ -2,12 +2,14 @@
 
 Rows, measured on the same images side by side, each in a fresh process (so peak memory is the
 row's own): (1) read only: raw tar streaming; (2) decode-only limit: libjpeg-turbo decode of the
-shard JPEGs in --workers processes; (3) the original project's per-file cv2 + float v2 loader;
-(4) naive webdataset + PIL + per-sample transforms; (5) each `build_loader` backend, train (aug
-``seed``) and eval (``none``); (6) data stall: training steps fed by the best loader vs synthetic
-tensors; (7) the packer on the folders (25% and 100% of the files) beside decode-only on the same
+shard JPEGs in --workers processes (and nvJPEG on cuda); (2b) the train and eval work limits: the
+least work each loader must do (decode, resize/augment, float) in --workers processes; (3) the
+original project's per-file cv2 + float v2 loader; (4) naive webdataset + PIL + per-sample
+transforms; (5) each `build_loader` backend, train (aug ``seed``) and eval (``none``); (6) data
+stall: training steps fed by the best loader vs synthetic tensors; (7) the packer on the folders (25% and 100% of the files) beside decode-only on the same
 files. Each row: img/s (median of --repeats timed windows after --warmup batches), ratios to the
-decode-only limit and to the original baseline, peak RSS of the process tree, CPU %.
+decode-only limit, to the original baseline and (loaders) to their work limit, peak RSS of the
+process tree, CPU %.
 
     python pipeline/bench.py --data PACK_OUT --images-real DIR --images-fake DIR --json bench.json --plot bench.png
 """
@@ -36,7 +38,7 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "original", "wds", "loaders", "memory", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "limits", "original", "wds", "loaders", "memory", "stall", "pack")
 BACKENDS = ("dali", "torch")
 
 
@@ -129,6 +131,13 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
         add(dict(kind="read", names=["read"], labels=["1 read only (tar stream)"], group="io"))
     if "decode" in args.rows:
         add(dict(kind="decode", names=["decode"], labels=["2 decode-only limit"], group="limit"))
+        if dev == "cuda":
+            add(dict(kind="decode_gpu", names=["decode_gpu"], labels=["2 decode-only, nvJPEG (cuda)"], group="limit"))
+    if "limits" in args.rows:
+        add(dict(kind="limit_train", names=["limit_train"], labels=["2b train work limit (decode+aug+float)"],
+                 group="limit", extra=dict(train=True)))
+        add(dict(kind="limit_eval", names=["limit_eval"], labels=["2b eval work limit (decode+resize+float)"],
+                 group="limit", extra=dict(train=False)))
     if "original" in args.rows:
         add(dict(kind="original", names=["original"], labels=["3 original project (folders)"], group="baseline"))
     if "wds" in args.rows:
@@ -161,7 +170,7 @@ def precheck(spec: dict, args: argparse.Namespace) -> Optional[str]:
     """Why a row cannot run here (checked before starting its process), or None."""
     if spec["kind"] in ("original", "pack", "decode_files") and not args.images_real:
         return "needs --images-real and --images-fake (the image folders that were packed)"
-    if spec["kind"] in ("loader", "epochs", "stall") and args.device == "cuda":
+    if spec["kind"] in ("loader", "epochs", "stall", "decode_gpu") and args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
