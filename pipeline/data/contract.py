@@ -36,6 +36,7 @@ from pipeline.augment.config import AugConfig
 
 BACKENDS = ("dali", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 
 class Batch(NamedTuple):
@@ -90,6 +91,9 @@ class LoaderSpec:
         cache_dir: local folder for remote shards: the torch backend downloads each shard there once
             (verified) instead of streaming it every epoch; DALI, which reads local files only,
             always downloads remote shards (here, or in `default_cache_dir`).
+        decode: where the torch backend decodes the JPEGs: ``cpu`` (its workers) or ``gpu`` (nvJPEG in
+            the main process, CUDA devices only); ``auto`` is replaced by ``gpu`` on CUDA, else ``cpu``.
+            DALI decodes with nvJPEG on CUDA and on the CPU otherwise, whatever this says.
     """
 
     data: str
@@ -106,6 +110,7 @@ class LoaderSpec:
     num_workers: int = 2
     storage_options: Optional[dict] = None
     cache_dir: Optional[str] = None
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -121,6 +126,10 @@ class LoaderSpec:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"--device {self.device!r}: expected cpu, cuda or cuda:N") from None
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"--decode {self.decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
+        if self.decode == "gpu" and device.type != "cuda":
+            raise ValueError(f"--decode gpu: needs a CUDA --device (nvJPEG), got {device}; use --decode cpu or auto")
         aug = self.aug
         if aug is None:
             aug = AugConfig.preset("seed" if self.train else "none")
@@ -130,6 +139,8 @@ class LoaderSpec:
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "aug", aug)
         object.__setattr__(self, "backend", resolve_backend(self.backend, device))
+        if self.decode == "auto":
+            object.__setattr__(self, "decode", "gpu" if device.type == "cuda" else "cpu")
 
     def replace(self, **changes) -> "LoaderSpec":
         """A copy with some fields changed (validated again), e.g. the val spec from the train spec."""

@@ -56,10 +56,13 @@ from pipeline.augment.batch_ops import apply_params, normalize_
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from pipeline.data import tar_reader
+from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
-from pipeline.data.sample_source import Piece, SampleSource, check_sample, plan_pieces
+from pipeline.data.handoff import SlabPool, SlabWriter, new_shared
+from pipeline.data.sample_source import Piece, SampleSource, plan_pieces
 from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
 from pipeline.data.tar_reader import TarFormatError
+from shard_tools.format import IMAGE_EXTS
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +84,21 @@ def _exn_text(exn: BaseException) -> str:
 
 
 class _ShardStream(IterableDataset):
-    """One rank's samples for one epoch as uint8 batches ``(images NHWC, labels, ids, params)``.
+    """One rank's samples for one epoch as batches ``(images, labels, ids, params)``.
 
-    ``finish``: apply the augmentation in the workers (CPU runs); otherwise only resize and ship the
-    drawn parameters (a [N, K] float64 tensor, `pipeline.augment.params.params_to_tensor`) for the device.
+    ``mode`` says how far the workers take each batch: ``finish`` (CPU runs) decode, augment and
+    normalise into a slab (`pipeline.data.handoff`); ``resize`` (CUDA, CPU decode) decode and resize
+    to uint8 and ship the drawn parameters (`pipeline.augment.params.params_to_tensor`) for the device;
+    ``encoded`` (GPU decode) ship the JPEG bytes and the parameters (`pipeline.data.encoded`).
     """
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
-                 batch_size: int, train: bool, aug: AugConfig, finish: bool, seed: int, epoch: int, rank: int,
-                 world_size: int) -> None:
+                 batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
+                 epoch: int, rank: int, world_size: int) -> None:
         super().__init__()
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
-        self.aug, self.finish = aug, finish
+        self.aug, self.mode, self.writer = aug, mode, writer
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
     def pieces(self, worker: int, num_workers: int) -> List[Piece]:
@@ -113,7 +118,7 @@ class _ShardStream(IterableDataset):
 
     def decode(self, sample: dict) -> Tuple[np.ndarray, int, str]:
         key, url = sample["__key__"], sample.get("__url__", "?")
-        ext, label = check_sample(sample, self.source.hint)
+        ext, label = _ext_label(sample)
         try:
             image = uint8_ops.decode(sample[ext]) if sample[ext] else None
         except cv2.error as exn:
@@ -124,15 +129,33 @@ class _ShardStream(IterableDataset):
                             "JPEG/PNG/WebP); " + self.source.hint)
         return image, label, key
 
-    def process(self, samples: List[dict], generator: torch.Generator) -> tuple:
-        """Decode one batch of raw samples into a new uint8 [N, S, S, 3] batch (shared memory in a worker)."""
-        decoded = [self.decode(s) for s in samples]
-        n, size = len(decoded), self.image_size
+    def process(self, samples: List[dict], generator: torch.Generator, worker: int) -> tuple:
+        """One batch of raw samples -> ``(images, labels, ids, params)`` as ``mode`` says; labels and
+        params as numpy arrays (pickled with the message, not a shared-memory segment each)."""
+        n, size = len(samples), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
-        images = _new_batch((n, size, size, 3))
-        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
-        shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
-        return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
+        shipped = params_to_tensor(params).numpy() if params is not None and self.mode != "finish" else np.empty((n, 0))
+        if self.mode == "encoded":  # JPEG bytes as they are; anything else decoded here
+            metas = [_ext_label(s) for s in samples]
+            payloads = [s[ext] if is_jpeg(s[ext]) else self.decode(s)[0] for s, (ext, _) in zip(samples, metas)]
+            labels = np.array([m[1] for m in metas], dtype=np.uint8)
+            return encode_batch(payloads, size), labels, [s["__key__"] for s in samples], shipped
+        decoded = [self.decode(s) for s in samples]
+        labels = np.array([d[1] for d in decoded], dtype=np.uint8)
+        ids = [d[2] for d in decoded]
+        if self.mode == "finish":
+            scratch = self._scratch(n)
+            uint8_ops.process_into([d[0] for d in decoded], scratch, params)
+            return self.writer.write(scratch, worker), labels, ids, shipped
+        images = new_shared((n, size, size, 3), torch.uint8)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), None)
+        return images, labels, ids, shipped
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This process's uint8 batch that the augmentation writes before the float goes to a slab."""
+        if getattr(self, "_uint8", None) is None:
+            self._uint8 = np.empty((self.batch_size, self.image_size, self.image_size, 3), dtype=np.uint8)
+        return self._uint8[:n]
 
     def __iter__(self):
         info = get_worker_info()
@@ -147,7 +170,7 @@ class _ShardStream(IterableDataset):
             stages.append(wds.shuffle(buf, buf, rng=rng))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, "aug"))
         stages += [wds.batched(self.batch_size, collation_fn=list, partial=True),
-                   wds.map(lambda samples: self.process(samples, generator))]
+                   wds.map(lambda samples: self.process(samples, generator, worker))]
         try:
             yield from wds.DataPipeline(*stages)
         except DataError as exn:
@@ -157,13 +180,10 @@ class _ShardStream(IterableDataset):
             yield _Failure(f"loading samples from {where} failed: {_exn_text(exn)}")
 
 
-def _new_batch(shape: Tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory (as ``default_collate``
-    allocates its batches), so that sending it to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+def _ext_label(sample: dict) -> Tuple[str, int]:
+    """Image member and label of a sample that `SampleSource.samples` has checked already (checking
+    it twice cost ~8% of the whole per-sample work)."""
+    return next(e for e in IMAGE_EXTS if e in sample), int(sample["cls"].strip())
 
 
 def count_samples(shard: str) -> int:
@@ -183,19 +203,30 @@ def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
 
 
 class TorchLoader:
-    """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract."""
+    """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract.
 
-    def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+    ``decode_device``: decode the JPEGs of each batch in the main process on this device
+    (`pipeline.data.encoded`) instead of where ``spec.decode`` says (``gpu``: ``spec.device``, ``cpu``:
+    the workers); ``"cpu"`` runs the GPU-decode path with torchvision's CPU decoder (tests).
+    """
+
+    def __init__(self, spec: LoaderSpec, shardset: ShardSet, *,
+                 decode_device: Optional[Union[str, torch.device]] = None) -> None:
         self.spec, self.shardset = spec, shardset
         self.shards = list(shardset.shards)
         self.sizes = _shard_sizes(spec.data, shardset)
         self.source = SampleSource(hint=shardset.hint(), storage_options=shardset.storage_options,
                                    cache_dir=spec.cache_dir)
         self.device = spec.device
+        if decode_device is None and spec.decode == "gpu":
+            decode_device = spec.device
+        self.decode_device = torch.device(decode_device) if decode_device is not None else None
+        self.mode = ("encoded" if self.decode_device is not None
+                     else "resize" if self.device.type == "cuda" else "finish")
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.epoch = 0
-        self.pool = uint8_ops.BufferPool()
+        self._slabs: Optional[SlabPool] = None
         self.split_samples = sum(self.sizes)
         self.own = rank_share(self.split_samples, self.rank, self.world_size)
         self.steps = check_split_size(spec, self.split_samples)
@@ -214,27 +245,55 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _slab_pool(self) -> SlabPool:
+        """The loader's slabs (`pipeline.data.handoff`), or new ones while an earlier iteration still
+        holds them (a consumer that started another epoch without finishing the last)."""
+        shape = (self.batch_size, self.image_size, self.image_size, 3)
+        if self._slabs is None or not self._slabs.fits(self.num_workers, shape):
+            self._slabs = SlabPool(self.num_workers, shape)
+        self._slabs.in_use = True
+        return self._slabs
+
     def _batches(self, epoch: int) -> Iterator[tuple]:
-        """uint8 batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval."""
+        """Batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval: float32
+        NHWC finished by the workers on a CPU, uint8 NHWC resized (and the drawn parameters) on CUDA."""
+        pool = self._slab_pool() if self.mode == "finish" else None
         stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
-                              batch_size=self.batch_size, train=self.train, aug=self.aug,
-                              finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
+                              batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
+                              writer=pool.writer if pool else None, seed=self.seed, epoch=epoch, rank=self.rank,
                               world_size=self.world_size)
         uint8_ops.single_threaded()  # before the workers fork (see there)
         source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
+            collate_fn=_as_sent,
         ))
+        try:
+            yield from self._assemble(source, pool)
+        finally:
+            shutdown = getattr(source, "_shutdown_workers", None)  # DataLoader's iterator: join its workers now
+            if shutdown is not None:
+                shutdown()
+            if pool is not None:  # no worker writes any more: what is not lent out is free
+                pool.reset()
+
+    def _assemble(self, source: Iterator, pool: Optional[SlabPool]) -> Iterator[tuple]:
         pending: List[tuple] = []
         seen = emitted = 0
         first: Optional[tuple] = None
         for item in source:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
-            if first is None:
-                first = item
-            seen += item[0].shape[0]
+            images, labels, ids, params = item
+            if pool is not None:
+                images = pool.lend(images)
+            elif self.mode == "encoded":
+                images = batch_rows(images)
+            item = (images, torch.from_numpy(labels), ids, torch.from_numpy(params))
+            if first is None:  # a copy of one row, not a hold on the whole batch (a slab) all epoch
+                first = tuple(c[:1] if isinstance(c, list) else c[:1].clone() for c in item)
+            seen += len(ids)
             pending.append(item)
-            while sum(p[0].shape[0] for p in pending) >= self.batch_size:
+            while sum(len(p[0]) for p in pending) >= self.batch_size:
                 batch, pending = _take(pending, self.batch_size)
                 yield batch
                 emitted += 1
@@ -247,38 +306,44 @@ class TorchLoader:
             raise DataError(f"rank {self.rank} ran out of samples after {emitted} of {self.steps} batches")
         pad = self.padded - seen
         if pad and first is not None:
-            pending.append(tuple(c[:1] * pad if isinstance(c, list) else c[:1].repeat_interleave(pad, 0)
-                                 for c in first))
+            pending.append(tuple(c * pad if isinstance(c, list) else c.repeat_interleave(pad, 0) for c in first))
         while pending:
             batch, pending = _take(pending, self.batch_size)
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
-        cuda = self.device.type == "cuda"
         for images, labels, ids, params in self._batches(self.epoch):
-            if not cuda:  # the workers augmented already (pipeline.augment.uint8_ops)
-                yield Batch(uint8_ops.normalize_hwc(images, self.pool), labels.float(), ids)
+            if self.mode == "finish":  # finished by the workers (pipeline.data.handoff): only the NCHW view is left
+                yield Batch(images.permute(0, 3, 1, 2), labels.float(), ids)
                 continue
-            if not images.is_pinned():
-                images = images.pin_memory()
-            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            if self.mode == "encoded":
+                x = decode_batch(images, ids, self.image_size, self.decode_device, self.source.hint)
+            else:
+                if not images.is_pinned():
+                    images = images.pin_memory()
+                x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            x = apply_params(x, params_from_tensor(params), self.image_size) if params.shape[1] else x.float()
             labels = labels.to(self.device, non_blocking=True).float()
-            if params.shape[1]:
-                x = apply_params(x, params_from_tensor(params), self.image_size)
-            yield Batch(normalize_(x.float()), labels, ids)
+            yield Batch(normalize_(x).to(self.device, non_blocking=True), labels, ids)
+
+
+def _as_sent(item):
+    """DataLoader's collate_fn: the worker's tuple as it is (its default would turn the numpy labels
+    and parameters into tensors, each a shared-memory segment of its own)."""
+    return item
 
 
 def _take(pending: List[tuple], n: int) -> Tuple[tuple, List[tuple]]:
     """Split ``n`` samples (or all, if fewer) off the front of a list of batches (tuples of tensors
     and lists, one row per sample); no copy for a whole one."""
-    if pending[0][0].shape[0] == n or (len(pending) == 1 and pending[0][0].shape[0] < n):
+    if len(pending[0][0]) == n or (len(pending) == 1 and len(pending[0][0]) < n):
         return pending[0], pending[1:]
     parts, rest, left = [], list(pending), n
     while rest and left:
         batch = rest.pop(0)
-        k = min(left, batch[0].shape[0])
+        k = min(left, len(batch[0]))
         parts.append(tuple(c[:k] for c in batch))
-        if k < batch[0].shape[0]:
+        if k < len(batch[0]):
             rest.insert(0, tuple(c[k:] for c in batch))
         left -= k
     merged = tuple([row for p in parts for row in p[i]] if isinstance(parts[0][i], list)
