@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
+from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import check_inference_args, default_device
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
@@ -72,6 +72,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="loader backend for --data: dali, torch, or auto (default: dali on CUDA when DALI is "
                         "installed, else torch)")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="torch backend with --data: decode in the workers (cpu) or with nvJPEG on the GPU (gpu); "
+                        "auto = gpu on CUDA, cpu otherwise")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv and the plots")
@@ -118,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.data is not None:
             spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
                               batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
+                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir,
+                              decode=args.decode)
             s, items = score_shards(model, spec, need_items=args.robustness)
             skipped: List[dict] = []
             source = {"data": str(args.data), "split": args.split, "backend": spec.backend}

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from model import list_models
 from pipeline.augment.config import PRESETS
-from pipeline.data.contract import BACKEND_CHOICES, check_image_size
+from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
 from shard_tools.storage import parse_storage_options
 
@@ -52,6 +52,7 @@ class TrainConfig:
     loss: str = "bce"
     aug: str = "seed"
     backend: str = "auto"
+    decode: str = "auto"
     workers: int = 2
     grad_accum: int = 1
     seed: int = 0
@@ -82,6 +83,7 @@ class TrainConfig:
         choice("schedule", self.schedule, SCHEDULES)
         choice("aug", self.aug, PRESETS)
         choice("backend", self.backend, BACKEND_CHOICES)
+        choice("decode", self.decode, DECODE_CHOICES)
         if self.recipe is not None:
             choice("recipe", self.recipe, tuple(RECIPES))
         if self.mixed_precision is not None:
