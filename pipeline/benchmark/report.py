@@ -80,7 +80,8 @@ def _fmt(v, spec: str = ",.0f") -> str:
 
 def table(rows: List[dict]) -> str:
     """A Markdown table: one line per row, skipped/failed rows with their reason."""
-    head = ("| row | img/s | MB/s | × decode-only | × work limit | × original | peak PSS / RSS MB | CPU % | procs | notes |\n"
+    head = ("| row | img/s | MB/s | × decode-only | × work limit | × original | peak PSS / RSS MB | CPU % | procs "
+            "| notes |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for r in rows:
@@ -89,7 +90,8 @@ def table(rows: List[dict]) -> str:
             continue
         lines.append(
             f"| {r['label']} | {_fmt(r['img_s'])} | {_fmt(r.get('mb_s'), ',.1f')} | {_fmt(r.get('vs_decode'), '.2f')} | "
-            f"{_fmt(r.get('vs_work_limit'), '.2f')} | {_fmt(r.get('vs_original'), '.2f')} | {_fmt(r.get('peak_pss_mb'), ',.0f')} / {_fmt(r.get('peak_rss_mb'), ',.0f')} | "
+            f"{_fmt(r.get('vs_work_limit'), '.2f')} | {_fmt(r.get('vs_original'), '.2f')} | "
+            f"{_fmt(r.get('peak_pss_mb'), ',.0f')} / {_fmt(r.get('peak_rss_mb'), ',.0f')} | "
             f"{_fmt(r.get('cpu_percent'), '.0f')} | {r.get('processes', '')} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
