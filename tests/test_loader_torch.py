@@ -285,9 +285,12 @@ def test_cpu_batches_come_finished_in_recycled_slabs(packed):
             assert b.images.dtype == torch.float32 and b.images.shape == (4, 3, SIZE, SIZE)
             assert b.images.is_contiguous(memory_format=torch.channels_last)
             assert b.images.min() >= LOW - 1e-4 and b.images.max() <= HIGH + 1e-4
-    pool = ld._slabs
+    from pipeline.data.handoff import LENT
+
+    pool = ld._own[1]
     assert pool.fresh == 0, "a consumer that drops each batch must never need a fresh one"
-    assert not pool._lent and not pool.writer.busy.any(), "every slab is free again after the epoch"
+    assert not (pool.writer.busy == LENT).any(), "every batch handed out was given back"
+    ld.close()
 
 
 @pytest.mark.timeout(180)
@@ -295,10 +298,32 @@ def test_batches_kept_by_the_consumer_are_never_overwritten(packed):
     ld = loader(packed, "train", train=True, workers=2, batch_size=4)
     copies = [(b.ids, b.images.clone(), b.labels.clone()) for b in ld]  # each batch dropped at once
     kept = list(ld)  # every batch held: the workers run out of free slabs and send fresh ones
-    assert ld._slabs.fresh > 0
+    assert ld._own[1].fresh > 0
     assert len(kept) == len(copies)
     for (ids, images, labels), b in zip(copies, kept):
         assert b.ids == ids and torch.equal(b.images, images) and torch.equal(b.labels, labels)
+
+
+@pytest.mark.timeout(180)
+def test_persistent_workers_follow_set_epoch_and_nested_iterations(packed):
+    """The workers persist across epochs (the epoch reaches them through shared memory): each epoch
+    is what a fresh loader gives for it; an iteration opened while another runs gets its own workers."""
+    ld = loader(packed, "train", train=True, workers=2, batch_size=4)
+    ids = {}
+    for epoch in (0, 1, 0):
+        ld.set_epoch(epoch)
+        ids.setdefault(epoch, []).append([b.ids for b in ld])
+    assert ids[0][0] == ids[0][1] and ids[0][0] != ids[1][0]
+    fresh = loader(packed, "train", train=True, workers=2, batch_size=4)
+    fresh.set_epoch(1)
+    assert [b.ids for b in fresh] == ids[1][0]
+    ld.set_epoch(0)
+    outer = iter(ld)
+    first = next(outer)
+    inner = [b.ids for b in ld]  # while `outer` is open
+    assert inner == ids[0][0] and [first.ids] + [b.ids for b in outer] == ids[0][0]
+    for x in (ld, fresh):
+        x.close()
 
 
 # ---------------------------------------------------------------- GPU decode (pipeline.data.encoded)

@@ -12,17 +12,18 @@ Why slabs and not a fresh shared-memory batch per batch (as ``default_collate`` 
 image, as much as decoding it. A `SlabPool` is allocated once per loader (before the workers
 fork, so every epoch's workers share it), ``per_worker`` slabs per worker:
 
-* a worker takes one of its own slabs whose ``busy`` flag is 0, sets it to 1 and fills it
-  (`SlabWriter.write`); only that worker sets a slab's flag 0 -> 1, only the main process 1 -> 0, so
-  no lock is needed;
-* the main process lends the slab out as a tensor (`SlabPool.lend`); when that tensor and every
-  view of it are gone (``weakref.finalize`` on the numpy view the tensor holds), the flag goes
-  back to 0;
+* a slab is free (0), filled by a worker (1) or lent out by the main process (2). A worker takes one
+  of its own free slabs, marks it 1 and fills it (`SlabWriter.write`); the main process marks it 2
+  when it wraps it as a tensor (`SlabPool.lend`) and 0 again when that tensor and every view of it
+  are gone (``weakref.finalize`` on the numpy view the tensor holds). A slab is written by one
+  worker only and each transition has one writer, so no lock is needed;
 * when all of a worker's slabs are still held (a consumer that keeps many batches, e.g.
   ``list(loader)``), the worker does not wait: it sends a fresh shared-memory batch instead, so
   correctness never depends on the consumer releasing batches (`SlabPool.fresh` counts them);
-* at the end of an iteration, when its workers have exited, slabs that are not lent out are
-  marked free again (a batch left in the queue of a loader stopped early never reaches the main).
+* a batch a worker filled that never reached the main process (prefetched past the end of a
+  training epoch, then dropped by DataLoader when the next epoch starts) stays 1: the worker frees
+  its own such slabs when its next epoch begins (`SlabWriter.free_stale`), when DataLoader has
+  already received or dropped everything it sent before.
 
 Memory: ``workers x per_worker`` slabs of one batch each, allocated lazily by the kernel (a slab
 never used costs nothing); it does not grow with the data or the epochs.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple, Optional, Set, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from pipeline.augment import uint8_ops
 # One slab per batch a worker has in flight (DataLoader's prefetch_factor, 2) plus one for the batch
 # the main process holds; more only helps consumers that keep batches, who get fresh ones instead.
 SLABS_PER_WORKER = 3
+FREE, FILLED, LENT = 0, 1, 2  # states of a slab (`SlabPool.writer.busy`)
 
 
 class Slab(NamedTuple):
@@ -73,13 +75,21 @@ class SlabWriter:
         busy = self.busy.numpy()
         lo = worker * self.per_worker
         for index in range(lo, lo + self.per_worker):
-            if busy[index] == 0:
-                busy[index] = 1
+            if busy[index] == FREE:
+                busy[index] = FILLED
                 uint8_ops.normalize_into(images, self.data[index, :n].numpy())
                 return Slab(index, n)
         out = new_shared(images.shape, torch.float32)
         uint8_ops.normalize_into(images, out.numpy())
         return out
+
+    def free_stale(self, worker: int) -> None:
+        """At the start of an epoch in ``worker``: its slabs still marked filled (1) never reached the
+        main process; they are free again."""
+        busy = self.busy.numpy()
+        lo = worker * self.per_worker
+        stale = busy[lo:lo + self.per_worker]
+        stale[stale == FILLED] = FREE
 
 
 class SlabPool:
@@ -92,12 +102,7 @@ class SlabPool:
                                  new_shared_always((count,), torch.uint8).zero_(), per_worker)
         self._arrays = self.writer.data.numpy()
         self._busy = self.writer.busy.numpy()
-        self._lent: Set[int] = set()
-        self.in_use = False  # an iteration owns the pool (`TorchLoader` makes another for a second one)
         self.fresh = 0  # batches that came as fresh shared memory because every slab was held
-
-    def fits(self, workers: int, batch_shape: Tuple[int, ...]) -> bool:
-        return not self.in_use and self.workers == max(1, workers) and self.batch_shape == tuple(batch_shape)
 
     def lend(self, item: Union[Slab, torch.Tensor]) -> torch.Tensor:
         """The float32 [n, S, S, 3] tensor of a worker's `Slab` (no copy); a fresh batch as it is."""
@@ -105,20 +110,12 @@ class SlabPool:
             self.fresh += 1
             return item
         array = self._arrays[item.index, :item.n]
-        self._lent.add(item.index)
+        self._busy[item.index] = LENT
         weakref.finalize(array, self._release, item.index)
         return torch.from_numpy(array)
 
     def _release(self, index: int) -> None:
-        self._lent.discard(index)
-        self._busy[index] = 0
-
-    def reset(self) -> None:
-        """After an iteration's workers have exited: free every slab not lent out."""
-        for index in range(self._busy.shape[0]):
-            if index not in self._lent:
-                self._busy[index] = 0
-        self.in_use = False
+        self._busy[index] = FREE
 
 
 def new_shared_always(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +124,3 @@ def new_shared_always(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tenso
     nbytes = max(1, math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes))[: math.prod(shape)].view(shape)
 
-
-def lend_labels(labels: Optional[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(labels) if isinstance(labels, np.ndarray) else labels

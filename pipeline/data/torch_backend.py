@@ -14,18 +14,23 @@ the middle of, which is read and skipped, not decoded).
 * eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once so that every
   rank yields the same number of batches of the same sizes (drop repeats by id).
 
-Workers read the tar members (`pipeline.data.tar_reader`), decode (OpenCV, RGB), draw each sample's
-augmentation parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank,
-worker)``) and write uint8 HWC images straight into a shared-memory batch. What runs where depends
-on the device:
+Workers read the tar members (`pipeline.data.sample_source`), draw each sample's augmentation
+parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank, worker)``) and,
+depending on the device and ``spec.decode``, take each batch this far (``mode``):
 
-* CUDA: workers only resize (`pipeline.augment.uint8_ops.resize_into`); the main process copies the uint8
-  batch to the GPU (pinned, non-blocking) and augments it there with the workers' parameters
-  (`pipeline.augment.batch_ops.apply_params`), in float, then normalises.
-* CPU: the same cores do all the work wherever it runs, so workers also apply the augmentation,
-  per sample in uint8 (`pipeline.augment.uint8_ops.process_into`: one OpenCV warp, no float), and the main
-  process only normalises (`pipeline.augment.uint8_ops.normalize_hwc`: one table lookup per byte). The
+* CPU (``finish``): the same cores do all the work wherever it runs, so the workers do all of it:
+  decode (OpenCV, RGB), resize and augment per sample in uint8 (`pipeline.augment.uint8_ops.process_into`:
+  one OpenCV warp, no float), then write the normalised float32 straight into a recycled
+  shared-memory batch (`pipeline.data.handoff`); the main process only hands the tensor on. The
   images come out channels-last (an NCHW tensor with NHWC memory), which CPU convolutions take as is.
+* CUDA, ``decode="cpu"`` (``resize``): workers decode and resize to uint8
+  (`pipeline.augment.uint8_ops.resize_into`) in a shared-memory batch; the main process copies it to
+  the GPU (pinned, non-blocking) and augments it there with the workers' parameters
+  (`pipeline.augment.batch_ops.apply_params`), in float, then normalises.
+* CUDA, ``decode="gpu"`` (``encoded``, the default on CUDA): workers only read and batch the JPEG
+  bytes (non-JPEG samples are decoded and resized by the worker); the main process decodes the
+  batch with nvJPEG and resizes it on the GPU (`pipeline.data.encoded`), then augments and
+  normalises as above. float work stays on the GPU; only uint8 or encoded bytes cross processes.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by
 reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no
@@ -43,7 +48,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -94,17 +99,24 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
                  batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
-                 epoch: int, rank: int, world_size: int) -> None:
+                 rank: int, world_size: int) -> None:
         super().__init__()
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.mode, self.writer = aug, mode, writer
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        # set by the main process before each epoch; persistent workers read it when the epoch starts
+        self.epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
 
-    def pieces(self, worker: int, num_workers: int) -> List[Piece]:
+    @property
+    def epoch(self) -> int:
+        return int(self.epoch_box[0])
+
+    def pieces(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> List[Piece]:
+        epoch = self.epoch if epoch is None else epoch
         order = list(range(len(self.shards)))
         if self.train:  # same on every rank, so the ranks' ranges partition one sequence
-            random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(order)
+            random.Random(derive_seed(self.seed, epoch, "shards")).shuffle(order)
         n = sum(self.sizes)
         lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
         wlo, whi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
@@ -160,15 +172,18 @@ class _ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        pieces = self.pieces(worker, num_workers)
+        if self.writer is not None:  # slabs of the last epoch that never reached the main process
+            self.writer.free_stale(worker)
+        epoch = self.epoch  # read once: the main process may set the next one while this epoch ends
+        pieces = self.pieces(worker, num_workers, epoch)
         items = [{"piece": p} for p in pieces]
         stages = [lambda: iter(items), self.read_pieces]  # a bare list would be taken as a list of stages
         if self.train:
             n = sum(p.stop - p.start for p in pieces)
             buf = max(1, min(SHUFFLE_BUFFER, n))
-            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, "samples"))
             stages.append(wds.shuffle(buf, buf, rng=rng))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, "aug"))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, worker, "aug"))
         stages += [wds.batched(self.batch_size, collation_fn=list, partial=True),
                    wds.map(lambda samples: self.process(samples, generator, worker))]
         try:
@@ -226,7 +241,8 @@ class TorchLoader:
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.epoch = 0
-        self._slabs: Optional[SlabPool] = None
+        self._own: Optional[tuple] = None  # (stream, slabs, persistent DataLoader): see _open
+        self._active = 0  # iterations open now
         self.split_samples = sum(self.sizes)
         self.own = rank_share(self.split_samples, self.rank, self.world_size)
         self.steps = check_split_size(spec, self.split_samples)
@@ -245,36 +261,54 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _slab_pool(self) -> SlabPool:
-        """The loader's slabs (`pipeline.data.handoff`), or new ones while an earlier iteration still
-        holds them (a consumer that started another epoch without finishing the last)."""
-        shape = (self.batch_size, self.image_size, self.image_size, 3)
-        if self._slabs is None or not self._slabs.fits(self.num_workers, shape):
-            self._slabs = SlabPool(self.num_workers, shape)
-        self._slabs.in_use = True
-        return self._slabs
+    def _make(self, persistent: bool) -> tuple:
+        """``(stream, slab pool or None, DataLoader or None)`` for this loader's settings."""
+        pool = SlabPool(self.num_workers, (self.batch_size, self.image_size, self.image_size, 3)) \
+            if self.mode == "finish" else None
+        stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
+                              batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
+                              writer=pool.writer if pool else None, seed=self.seed, rank=self.rank,
+                              world_size=self.world_size)
+        dl = None if self.num_workers == 0 else DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
+            collate_fn=_as_sent, persistent_workers=persistent)
+        return stream, pool, dl
+
+    def _open(self, epoch: int) -> Tuple[Iterator, Optional[SlabPool], Callable[[], None]]:
+        """This epoch's worker batches, and what to call when the epoch is over.
+
+        The loader's own workers persist from epoch to epoch (no fork and start-up per epoch; the
+        epoch reaches them through shared memory); while another iteration of this loader is still
+        open, this one gets workers and slabs of its own, shut down at its end.
+        """
+        uint8_ops.single_threaded()  # before the workers fork (see there)
+        shared = self._active == 0
+        if shared and self._own is None:
+            self._own = self._make(persistent=True)
+        stream, pool, dl = self._own if shared else self._make(persistent=False)
+        stream.epoch_box[0] = epoch
+        source = iter(stream) if dl is None else iter(dl)
+        if shared:
+            return source, pool, lambda: None
+        return source, pool, getattr(source, "_shutdown_workers", lambda: None)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop when the loader is garbage collected)."""
+        own, self._own = self._own, None
+        iterator = getattr(own[2], "_iterator", None) if own is not None and own[2] is not None else None
+        if iterator is not None:
+            iterator._shutdown_workers()
 
     def _batches(self, epoch: int) -> Iterator[tuple]:
         """Batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval: float32
         NHWC finished by the workers on a CPU, uint8 NHWC resized (and the drawn parameters) on CUDA."""
-        pool = self._slab_pool() if self.mode == "finish" else None
-        stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
-                              batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
-                              writer=pool.writer if pool else None, seed=self.seed, epoch=epoch, rank=self.rank,
-                              world_size=self.world_size)
-        uint8_ops.single_threaded()  # before the workers fork (see there)
-        source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
-            collate_fn=_as_sent,
-        ))
+        source, pool, close = self._open(epoch)
+        self._active += 1
         try:
             yield from self._assemble(source, pool)
         finally:
-            shutdown = getattr(source, "_shutdown_workers", None)  # DataLoader's iterator: join its workers now
-            if shutdown is not None:
-                shutdown()
-            if pool is not None:  # no worker writes any more: what is not lent out is free
-                pool.reset()
+            self._active -= 1
+            close()
 
     def _assemble(self, source: Iterator, pool: Optional[SlabPool]) -> Iterator[tuple]:
         pending: List[tuple] = []
