@@ -9,8 +9,15 @@ Model name and image size come from the checkpoint metadata. Writes into ``--out
   average precision, EER, confusion matrix (`pipeline.scoring.metrics.binary_metrics`); per input folder
   when more than one folder is given (each folder's accuracy, and the AUC of that folder against
   all images of the other class); every skipped file with its reason.
-* ``scores.csv`` (id, source, group, label, score), ``roc.png``, ``scores.png`` (histogram by class).
+* ``scores.csv`` (id, source, group, label, score, path_bytes_hex), ``roc.png``, ``scores.png``
+  (histogram by class).
 * with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
+
+The files appear together after all the work, ``metrics.json`` last, or not at all (`OutputSet`): a
+failed write (disk full, ...) leaves ``--out`` as it was, and an ``--out`` that cannot be a folder is
+refused before the checkpoint is even read. Paths that are not valid UTF-8 are written escaped, with
+their exact bytes in ``path_bytes_hex`` (`pipeline.scoring.outputs`). Exit code 0, or 2 with one error
+line (bad flag, checkpoint, data or output).
 
 How images are read: ``--data`` uses the training loaders (`pipeline.data.loader.build_loader`,
 ``train=False``, augmentation ``none``; padding repeats dropped by id). ``--real/--fake`` reads the
@@ -38,18 +45,21 @@ from typing import List, Optional
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
-from pipeline.scoring.cli import check_inference_args, default_device
+from pipeline.scoring.cli import OneLineParser, check_disjoint, check_inference_args, default_device
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
-from pipeline.scoring.score import per_group, score_folders, score_shards, write_scores_csv
+from pipeline.scoring.outputs import OutputError, OutputSet, check_output_dir, path_hex, showable, shown, writing
+from pipeline.scoring.robustness import plot_robustness, run_sweep
+from pipeline.scoring.score import check_finite, per_group, score_folders, score_shards, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
+OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Score a trained checkpoint on shards or on image folders; write metrics, plots and scores.",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -86,6 +96,12 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("give either --data, or --real and --fake, not both")
     if args.data is None and not (args.real and args.fake):
         p.error("give --data PACK_OUT, or both --real DIR [DIR ...] and --fake DIR [DIR ...]")
+    if args.data is None:
+        check_disjoint(p, args.real, args.fake)
+    try:
+        args.storage_options = parse_storage_options(args.storage_options)
+    except ValueError as e:
+        p.error(str(e))
     check_inference_args(p, args)
 
 
@@ -101,8 +117,53 @@ def log_table(report: dict) -> None:
     logger.info("  confusion          real->real %d  real->fake %d  fake->real %d  fake->fake %d", tn, fp, fn, tp)
     for row in report.get("per_folder", []):
         auc = row["roc_auc_vs_other_class"]
-        logger.info("  %-40s %-4s n=%-6d acc=%.4f auc_vs_other=%s", row["folder"][-40:], row["label"], row["n"],
+        logger.info("  %-40s %-4s n=%-6d acc=%.4f auc_vs_other=%s", shown(row["folder"])[-40:], row["label"], row["n"],
                     row["accuracy"], "n/a" if auc is None or auc != auc else f"{auc:.4f}")
+
+
+def _score(args: argparse.Namespace, model, size: int):
+    """(scores, items for the robustness sweep, skip records, the inputs as reported)."""
+    common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    if args.data is not None:
+        spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
+                          batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
+                          storage_options=args.storage_options, cache_dir=args.cache_dir)
+        s, items = score_shards(model, spec, need_items=args.robustness)
+        return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
+    s, items, skipped = score_folders(model, args.real, args.fake, **common)
+    return s, items, skipped, {"real": list(args.real), "fake": list(args.fake)}
+
+
+def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source: dict) -> dict:
+    m = quiet_metrics(s.labels, s.scores, args.threshold)
+    for k in skipped:
+        k["path_bytes_hex"] = path_hex(k["path"]) or None
+    report = {
+        "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
+        "epoch": meta.get("epoch"), "inputs": source, "threshold": args.threshold, "metrics": m,
+        "n_skipped": len(skipped), "skipped": skipped,
+    }
+    if args.data is None and len(set(s.groups)) > 2:
+        report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
+    return report
+
+
+def _write(args: argparse.Namespace, meta: dict, s, report: dict, rob: Optional[dict]) -> List[str]:
+    """All outputs into --out together (metrics.json last) or none of them (`OutputSet`)."""
+    with OutputSet(args.out, last="metrics.json", stale=OUTPUTS) as outputs:
+        for name, write in (
+            ("scores.csv", lambda path: write_scores_csv(path, s)),
+            ("roc.png", lambda path: plot_roc({"all": (s.labels, s.scores)}, path, title=f"ROC: {meta['model']}")),
+            ("scores.png", lambda path: plot_score_hist(s.labels, s.scores, path, threshold=args.threshold,
+                                                        title="P(fake) by class")),
+            *((("robustness.json", lambda path: atomic_write_json(path, showable(to_jsonable(rob)))),
+               ("robustness.png", lambda path: plot_robustness(rob, path, title=f"Robustness: {meta['model']}")))
+              if rob is not None else ()),
+            ("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report)))),
+        ):
+            with writing(outputs.final(name)):
+                write(outputs.path(name))
+        return outputs.commit()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -110,53 +171,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    out = Path(args.out)
     try:
+        check_output_dir("--out", args.out)
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        size = int(meta["image_size"])
-        common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-        if args.data is not None:
-            spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
-                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
-            s, items = score_shards(model, spec, need_items=args.robustness)
-            skipped: List[dict] = []
-            source = {"data": str(args.data), "split": args.split, "backend": spec.backend}
-        else:
-            s, items, skipped = score_folders(model, args.real, args.fake, **common)
-            source = {"real": list(args.real), "fake": list(args.fake)}
-    except (CheckpointError, DataError, InputError, FileNotFoundError, ValueError) as e:
-        logger.error("evaluate: %s", e)
+        s, items, skipped, source = _score(args, model, int(meta["image_size"]))
+        check_finite(s.scores, s.ids, meta["path"])
+    except (CheckpointError, DataError, InputError, OutputError, FileNotFoundError, ValueError) as e:
+        logger.error("evaluate: %s", shown(e))
         return 2
     for k in skipped:
-        logger.warning("skipped %s: %s %s", k["path"], k["reason"], k["detail"])
+        logger.warning("skipped %s: %s %s", shown(k["path"]), k["reason"], shown(k["detail"]))
     missing = [name for name, c in (("real", 0), ("fake", 1)) if not (s.labels == c).any()]
     if missing:
-        logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes",
-                     " and ".join(missing), len(skipped))
+        logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes; nothing "
+                     "written", " and ".join(missing), len(skipped))
         return 2
-    m = quiet_metrics(s.labels, s.scores, args.threshold)
-    report = {
-        "checkpoint": meta["path"], "model": meta["model"], "image_size": size, "epoch": meta.get("epoch"),
-        "inputs": source, "threshold": args.threshold, "metrics": m,
-        "n_skipped": len(skipped), "skipped": skipped,
-    }
-    if args.data is None and len(set(s.groups)) > 2:
-        report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", to_jsonable(report))
-    write_scores_csv(out / "scores.csv", s)
-    plot_roc({"all": (s.labels, s.scores)}, out / "roc.png", title=f"ROC: {meta['model']}")
-    plot_score_hist(s.labels, s.scores, out / "scores.png", threshold=args.threshold, title="P(fake) by class")
+    report = _report(args, meta, s, skipped, source)
     log_table(report)
+    rob = None
     if args.robustness:
-        from pipeline.scoring.robustness import plot_robustness, run_sweep
-
         clean = (s.labels, s.scores) if args.data is None else None
-        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, **common)
-        atomic_write_json(out / "robustness.json", to_jsonable(rob))
-        plot_robustness(rob, out / "robustness.png", title=f"Robustness: {meta['model']}")
-    logger.info("wrote %s", ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=int(meta["image_size"]),
+                        device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    try:
+        names = _write(args, meta, s, report, rob)
+    except OutputError as e:
+        logger.error("evaluate: %s; nothing written", e)
+        return 2
+    logger.info("wrote %s into %s", ", ".join(names), shown(args.out))
     return 0
 
 

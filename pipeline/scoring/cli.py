@@ -1,9 +1,23 @@
-"""What the scoring entry points (evaluate, predict) share: their common flag checks and default device."""
+"""What the entry points share: a parser whose usage errors are one line, the common flag checks of
+evaluate and predict, and the default device."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import NoReturn, Sequence
 
 import torch
+
+from pipeline.scoring.outputs import shown
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (``PROG: error: ... (see --help)``),
+    exit code 2, instead of the usage block and the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {shown(message)} (see --help)\n")
 
 
 def check_inference_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -24,5 +38,29 @@ def check_inference_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
         p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
 
 
+def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str]) -> None:
+    """Refuse a --real path that is a --fake path, or inside one (or the other way round): its images
+    would be scored as both classes."""
+    for r in real:
+        for f in fake:
+            a, b = os.path.realpath(r), os.path.realpath(f)
+            if a == b:
+                p.error(f"--real {r} and --fake {f} are the same path: every image there would count as both classes")
+            if os.path.commonpath([a, b]) in (a, b):
+                p.error(f"--real {r} and --fake {f} overlap (one is inside the other): the images they share "
+                        "would count as both classes")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def stdout_bytes(text: str) -> None:
+    """Write ``text`` to stdout as UTF-8 whatever the locale says (`pipeline.scoring.outputs.shown` made it valid)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a replaced stdout (tests, notebooks) takes text
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    buffer.write(text.encode("utf-8"))
+    buffer.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pipeline.augment.batch_ops import normalize
+from pipeline.checkpoint import CheckpointError
 from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.folders import Degrade, ImageItems, Item, _collate, collect, shard_items
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError
 from pipeline.scoring.metrics import quiet_metrics
+from pipeline.scoring.outputs import path_hex, shown
 from shard_tools.format import is_remote
-from shard_tools.fsutil import atomic_open
+from shard_tools.fsutil import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +85,17 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
     a `DataError` (the shards do not hold what the manifest says).
     """
     loader = build_loader(spec)
-    local = not any(is_remote(shard) for shard in loader.shardset.shards)
-    if need_items and not local:
-        raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
-                         "shards; copy them to a local folder first")
-    items = shard_items(loader.shardset.shards) if local else []
-    model.eval()
-    ids: List[str] = []
-    labels: List[float] = []
-    scores: List[float] = []
-    for batch in tqdm(loader, desc=f"evaluate {spec.split}", unit="batch", disable=not progress, leave=False):
-        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
-        ids.extend(batch.ids)
-        labels.extend(batch.labels.cpu().tolist())
-        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
+    try:
+        local = not any(is_remote(shard) for shard in loader.shardset.shards)
+        if need_items and not local:
+            raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
+                             "shards; copy them to a local folder first")
+        items = shard_items(loader.shardset.shards) if local else []
+        ids, labels, scores = _score_loader(model, loader, f"evaluate {spec.split}", progress)
+    finally:
+        close = getattr(loader, "close", None)  # the DALI pipeline goes now, not at interpreter exit
+        if close is not None:
+            close()
     ids, labels, scores = drop_repeats(ids, labels, scores)
     if len(ids) != loader.split_samples:
         raise DataError(f"{spec.data} {spec.split}: scored {len(ids)} distinct samples, but the split has "
@@ -103,6 +103,27 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
     sources = {it.path: (it.source, it.group) for it in items}
     return (Scores(ids, [sources.get(k, ("", ""))[0] for k in ids], [sources.get(k, ("", ""))[1] for k in ids],
                    np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)), items)
+
+
+def _score_loader(model: torch.nn.Module, loader, desc: str, progress: bool) -> Tuple[list, list, list]:
+    model.eval()
+    ids: List[str] = []
+    labels: List[float] = []
+    scores: List[float] = []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
+        ids.extend(batch.ids)
+        labels.extend(batch.labels.cpu().tolist())
+        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
+    return ids, labels, scores
+
+
+def check_finite(scores: np.ndarray, names: Sequence[str], checkpoint: str) -> None:
+    """CheckpointError when the model gave a NaN/inf score: finite weights that overflow, not a bad image."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=np.float64)))
+    if bad.size:
+        raise CheckpointError(f"{checkpoint}: the model's output is NaN or infinite for {bad.size} of {len(scores)} "
+                              f"images (e.g. {shown(names[bad[0]])}): its weights overflow; use another checkpoint")
 
 
 def score_folders(
@@ -147,8 +168,11 @@ def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
 
 
 def write_scores_csv(path: Path, s: Scores) -> None:
-    with atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["id", "source", "group", "label", "score"])
-        for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
-            w.writerow([*row[:3], ("real", "fake")[row[3]], f"{row[4]:.6f}"])
+    """id, source, group, label, score, path_bytes_hex (the exact bytes of ``source`` when it is not
+    valid UTF-8 text as it is: `pipeline.scoring.outputs`); UTF-8, written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "source", "group", "label", "score", "path_bytes_hex"])
+    for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
+        w.writerow([*map(shown, row[:3]), ("real", "fake")[row[3]], f"{row[4]:.6f}", path_hex(row[1])])
+    atomic_write_text(path, buf.getvalue())
