@@ -35,6 +35,8 @@ from typing import List, Optional
 from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
 from pipeline.augment.config import PRESETS
 from pipeline.data.contract import BACKEND_CHOICES
+from pipeline.scoring.cli import OneLineParser
+from pipeline.scoring.outputs import shown
 from pipeline.training.config import LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def _add_data_args(p: argparse.ArgumentParser, d) -> None:
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="deepfake-train", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a DeepfakeNet real/fake detector on deepfake-pack shards (single process, or many "
                     "under `accelerate launch`). Defaults: AdamW, lr 1e-3 for a global batch of 64, cosine "
@@ -130,7 +132,7 @@ def main(argv: Optional[List[str]] = None, *, on_step=None) -> int:
     try:
         cfg = TrainConfig.from_args(args)
     except ValueError as e:
-        logger.error("error: %s", e)
+        logger.error("error: %s", shown(e))
         return 2
     from pipeline.training.loop import run
 
