@@ -40,12 +40,12 @@ if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file
 import argparse
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
-from pipeline.scoring.cli import OneLineParser, check_disjoint, check_inference_args, default_device
+from pipeline.scoring.cli import OneLineParser, check_inference_args, default_device
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
 from pipeline.scoring.outputs import OutputError, OutputSet, check_output_dir, path_hex, showable, shown, writing
 from pipeline.scoring.robustness import plot_robustness, run_sweep
@@ -89,6 +89,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="also re-score after JPEG re-compression (q 95-30), downscale+upscale (0.75-0.25) and "
                         "Gaussian blur (sigma 0.5-3), applied at the original resolution: robustness.json/.png")
     return p
+
+
+def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str]) -> None:
+    """Refuse a --real path that is a --fake path, or inside one (or the other way round): its images
+    would be scored as both classes."""
+    for r in real:
+        for f in fake:
+            a, b = os.path.realpath(r), os.path.realpath(f)
+            if a == b:
+                p.error(f"--real {r} and --fake {f} are the same path: every image there would count as both classes")
+            if os.path.commonpath([a, b]) in (a, b):
+                p.error(f"--real {r} and --fake {f} overlap (one is inside the other): the images they share "
+                        "would count as both classes")
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

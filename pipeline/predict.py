@@ -140,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         if args.out is not None:
-            check_output_file("--out", args.out, "a .csv or .json file")
+            check_output_file("--out", args.out, "file name ending in .csv or .json")
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,

@@ -1,11 +1,10 @@
 """What the entry points share: a parser whose usage errors are one line, the common flag checks of
-evaluate and predict, and the default device."""
+evaluate and predict, the default device, UTF-8 on stdout."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import NoReturn, Sequence
+from typing import NoReturn
 
 import torch
 
@@ -36,19 +35,6 @@ def check_inference_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
         p.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
-
-
-def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str]) -> None:
-    """Refuse a --real path that is a --fake path, or inside one (or the other way round): its images
-    would be scored as both classes."""
-    for r in real:
-        for f in fake:
-            a, b = os.path.realpath(r), os.path.realpath(f)
-            if a == b:
-                p.error(f"--real {r} and --fake {f} are the same path: every image there would count as both classes")
-            if os.path.commonpath([a, b]) in (a, b):
-                p.error(f"--real {r} and --fake {f} overlap (one is inside the other): the images they share "
-                        "would count as both classes")
 
 
 def default_device() -> str:

@@ -75,8 +75,9 @@ def _ancestor(path: Path) -> Path:
 
 
 def _check_creatable(flag: str, path: Path) -> None:
-    """``path`` does not exist: its nearest existing ancestor must be a folder this process may write in."""
-    top = _ancestor(path)
+    """``path`` can be created or replaced: the nearest existing folder above it must be one this
+    process may write in."""
+    top = _ancestor(path.parent)
     if not top.is_dir():
         raise OutputError(f"{flag} {shown(path)}: cannot create it: {shown(top)} is a file, not a folder")
     if not os.access(top, os.W_OK | os.X_OK):
@@ -105,17 +106,14 @@ def check_output_dir(flag: str, path: PathLike) -> Path:
     return path
 
 
-def check_output_file(flag: str, path: PathLike, what: str = "file") -> Path:
+def check_output_file(flag: str, path: PathLike, what: str = "file name") -> Path:
     """One output file: absent (its folder creatable) or a regular file that can be replaced; else OutputError."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{flag} {shown(path)}: is a folder; give a {what} name")
+        raise OutputError(f"{flag} {shown(path)}: is a folder; give a {what}")
     if path.exists() and not stat.S_ISREG(os.stat(path).st_mode):
-        raise OutputError(f"{flag} {shown(path)}: is not a regular file (a FIFO or device); give a {what} name")
-    if path.parent.exists() or path.parent.is_symlink():
-        check_output_dir(flag, path.parent)
-    else:
-        _check_creatable(flag, path.parent)
+        raise OutputError(f"{flag} {shown(path)}: is not a regular file (a FIFO or device); give a {what}")
+    _check_creatable(flag, path)
     return path
 
 
