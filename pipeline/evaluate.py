@@ -47,7 +47,8 @@ from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import OneLineParser, check_inference_args, default_device
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
-from pipeline.scoring.outputs import OutputError, OutputSet, check_output_dir, path_hex, showable, shown, writing
+from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
+                                      writing)
 from pipeline.scoring.robustness import plot_robustness, run_sweep
 from pipeline.scoring.score import check_finite, per_group, score_folders, score_shards, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
@@ -186,6 +187,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         check_output_dir("--out", args.out)
+        check_apart("--out", args.out, [("--data", args.data)] if args.data is not None else
+                    [("--real", r) for r in args.real] + [("--fake", f) for f in args.fake])
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         s, items, skipped, source = _score(args, model, int(meta["image_size"]))
         check_finite(s.scores, s.ids, meta["path"])

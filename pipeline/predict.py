@@ -40,7 +40,8 @@ import torch
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
 from pipeline.scoring.cli import OneLineParser, check_inference_args, default_device, stdout_bytes
-from pipeline.scoring.outputs import OutputError, check_output_file, path_hex, showable, shown, writing
+from pipeline.scoring.outputs import (OutputError, check_apart, check_output_file, path_hex, showable, shown,
+                                      writing)
 from pipeline.scoring.score import check_finite, score_items
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 from shard_tools.inputs import InputError
@@ -141,6 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.out is not None:
             check_output_file("--out", args.out, "file name ending in .csv or .json")
+            check_apart("--out", args.out, [("PATH", p) for p in args.paths])
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,

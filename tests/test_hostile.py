@@ -174,6 +174,8 @@ def _blocked(tmp: Path, how: str, name: str) -> Path:
     if how == "is-fifo":
         os.mkfifo(tmp / name)
         return tmp / name
+    if how == "in-input":
+        return None
     (tmp / "afile").write_text("mine")  # under-file / unwritable: the parent is a file / not writable
     return tmp / "afile" / name if how == "under-file" else tmp / "ro" / name
 
@@ -189,10 +191,13 @@ def _blocked(tmp: Path, how: str, name: str) -> Path:
     ("export", "under-file", "cannot create it: {tmp}/afile is a file"),
     ("train", "under-file", "cannot create it: {tmp}/afile is a file"),
     ("train", "unwritable", "cannot create it: {tmp}/ro is not writable"),
+    ("evaluate", "in-input", "is inside --real {real}: the outputs would change an input"),
+    ("predict", "in-input", "is inside PATH {real}: the outputs would change an input"),
+    ("train", "in-input", "is inside --data {packed}: the outputs would change an input"),
 ])
 def test_output_refused_before_any_work(world, tmp_path, monkeypatch, caplog, cli, how, expect):
     name = OUT_NAME[cli].replace("p.csv", "p.json" if how == "is-fifo" else "p.csv")
-    out = _blocked(tmp_path, how, name)
+    out = _blocked(tmp_path, how, name) or (world["packed"] if cli == "train" else world["real"]) / name
     if how == "unwritable":
         (tmp_path / "ro").mkdir()
         real_access = os.access
@@ -204,12 +209,12 @@ def test_output_refused_before_any_work(world, tmp_path, monkeypatch, caplog, cl
         monkeypatch.setattr(f"{module}.{attr}", boom)
     argv = (["--data", str(world["packed"]), "--out", str(out), *TINY] if cli == "train"
             else cli_args(cli, world, out))
-    before = snapshot(tmp_path, world["root"])
+    before = snapshot(tmp_path, world["root"], world["packed"])
     assert MAINS[cli](argv) == 2
     msg = one_error(caplog)
     flag = "--onnx" if cli == "export" else "--out"
-    assert f"{flag} {out}: " in msg and expect.format(tmp=tmp_path) in msg, msg
-    assert snapshot(tmp_path, world["root"]) == before
+    assert f"{flag} {out}" in msg and expect.format(tmp=tmp_path, real=world["real"], packed=world["packed"]) in msg, msg
+    assert snapshot(tmp_path, world["root"], world["packed"]) == before
 
 
 # -- checkpoints that load as NaN, overflow, are cut short or are pickles ------------------------------

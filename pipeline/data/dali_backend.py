@@ -28,7 +28,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
 from pipeline.data.sample_source import check_sample
 from pipeline.data.shards import DataError, ShardSet, default_cache_dir, localize
-from pipeline.data.tar_reader import TarFormatError, iter_samples
+from pipeline.data.tar_reader import TarFormatError, iter_members, iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +60,56 @@ def _dali_ops():
     return dali_ops
 
 
-def _index_count(index: str) -> Optional[int]:
-    """The sample count in a wds2idx header (``v1.2 N``), or None when the first line is not one."""
+def _index_lines(index: str) -> Tuple[Optional[int], List[List[Tuple[str, int, int]]]]:
+    """The header count and, per sample line, ``(ext, offset, size)`` of each member of a wds2idx
+    index (``ext offset size`` v1.1, ``ext offset size name`` v1.2)."""
     try:
         with open(index, "rb") as f:
-            head = f.readline().split()
+            head, *lines = f.read().split(b"\n")
     except OSError as e:
         raise DataError(f"DALI index {index}: cannot read it ({e.strerror})") from None
-    return int(head[1]) if len(head) == 2 and head[1].isdigit() else None
+    parts = head.split()
+    if len(parts) != 2 or not parts[0].startswith(b"v1") or not parts[1].isdigit():
+        raise DataError(f"DALI index {index}: not a wds2idx index (header {head[:40]!r})")
+    step = 4 if parts[0] == b"v1.2" else 3
+    samples = []
+    for n, line in enumerate(ln for ln in lines if ln.strip()):
+        fields = line.split()
+        try:
+            samples.append([(fields[i].decode().lower(), int(fields[i + 1]), int(fields[i + 2]))
+                            for i in range(0, len(fields), step)])
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise DataError(f"DALI index {index}: line {n + 2} is not 'ext offset size name' groups") from None
+    return int(parts[1]), samples
+
+
+def _tar_lines(shard: str) -> List[List[Tuple[str, int, int]]]:
+    """What the index of ``shard`` must say: per sample, ``(ext, data offset, size)`` of its members."""
+    samples: List[List[Tuple[str, int, int]]] = []
+    last = None
+    for key, ext, offset, size in iter_members(shard):
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append((ext, offset, size))
+    return samples
+
+
+def _check_index(shard: str, index: str, expected: Optional[int], hint: str) -> int:
+    """The sample count of ``index`` after checking it line by line against the tar's members."""
+    count, got = _index_lines(index)
+    if expected is not None and count != expected:
+        raise DataError(f"DALI index {index}: {count} samples, the manifest says {expected} for {shard}; {hint}")
+    want = _tar_lines(shard)
+    if len(got) != count or len(want) != count:
+        raise DataError(f"DALI index {index}: header says {count} samples, it lists {len(got)} and {Path(shard).name} "
+                        f"holds {len(want)}; rebuild it with wds2idx or re-pack; {hint}")
+    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    if bad:
+        raise DataError(f"DALI index {index}: {len(bad)} of {count} sample lines do not match the members of "
+                        f"{Path(shard).name} (line {bad[0] + 2}); it belongs to another tar, or the tar changed: "
+                        f"rebuild it with wds2idx or re-pack; {hint}")
+    return count
 
 
 def _decodes(data: bytes) -> bool:
@@ -83,19 +125,14 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> N
     DALI cannot be trusted with bad data: its CPU image decoder crashes the whole process (SIGSEGV in
     its thread pool, after or even before it reports the error) when one sample of a batch fails to
     parse, and a stale or swapped ``.idx`` makes it read garbage that it then tries to decode. So
-    every index line must match the tar's members (`shard_tools.verify.check_index`) and every sample
-    must be what the packer wrote (`pipeline.data.sample_source.check_sample`: members, label, the
-    SHA-256 of original image bytes); an image that no SHA-256 vouches for (normalised, or a foreign
-    shard without json) must decode. DataError naming the shard and the sample otherwise.
+    every index line must match the tar's members, and every sample must be what the packer wrote
+    (`pipeline.data.sample_source.check_sample`: members, label, the SHA-256 of original image
+    bytes); an image that no SHA-256 vouches for (normalised, or a foreign shard without json) must
+    decode. DataError naming the shard and the sample otherwise.
     """
-    from shard_tools.verify import check_index
-
-    count = expected if expected is not None else _index_count(index)
-    problems = check_index(Path(index), Path(shard), count)
-    if problems:
-        raise DataError(f"{problems[0]}; {hint}")
-    n = 0
     try:
+        count = _check_index(shard, index, expected, hint)
+        n = 0
         for sample in iter_samples(shard):
             ext, _ = check_sample(sample, hint)
             if not _hash_checked(sample) and not _decodes(sample[ext]):
@@ -105,9 +142,8 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> N
         raise DataError(f"shard {shard}: cannot read it ({e}): truncated or corrupt; {hint}") from None
     except OSError as e:
         raise DataError(f"shard {shard}: cannot read it ({e.strerror or e}); {hint}") from None
-    if count is not None and n != count:
-        raise DataError(f"shard {shard} holds {n} samples, {'the manifest' if expected is not None else index} "
-                        f"says {count}; {hint}")
+    if n != count:
+        raise DataError(f"shard {shard} holds {n} samples, its index {index} says {count}; {hint}")
 
 
 def _hash_checked(sample: dict) -> bool:

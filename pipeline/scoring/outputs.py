@@ -20,7 +20,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -115,6 +115,23 @@ def check_output_file(flag: str, path: PathLike, what: str = "file name") -> Pat
         raise OutputError(f"{flag} {shown(path)}: is not a regular file (a FIFO or device); give a {what}")
     _check_creatable(flag, path)
     return path
+
+
+def check_apart(flag: str, out: PathLike, inputs: Sequence[Tuple[str, PathLike]]) -> None:
+    """Refuse an output that is a given input file, or lies in (or is) a local input folder: the input
+    tree would change, and the next run would read the outputs as inputs. ``inputs`` are
+    ``(flag, path)`` pairs; URLs and paths that do not exist are passed over."""
+    o = os.path.realpath(out)
+    for in_flag, path in inputs:
+        text = os.fspath(path)
+        if "://" in text or text.startswith("pipe:") or not os.path.exists(text):
+            continue
+        i = os.path.realpath(text)
+        inside = os.path.isdir(i) and os.path.commonpath([o, i]) == i
+        if inside or o == i:
+            where = "is" if o == i else "is inside"
+            raise OutputError(f"{flag} {shown(out)} {where} {in_flag} {shown(path)}: the outputs would change an "
+                              "input (and be read as input next time); write them elsewhere")
 
 
 def _reason(e: BaseException, path: Path) -> str:
