@@ -139,7 +139,7 @@ def compare_onnx(onnx_bytes: bytes, model: nn.Module, batch: torch.Tensor) -> Di
 def _metadata(meta: dict, size: int) -> Dict[str, str]:
     return {
         "model": meta["model"], "image_size": str(size), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
-        "checkpoint": Path(meta["path"]).name,
+        "checkpoint": shown(Path(meta["path"]).name),
         "input": f"{INPUT}: float32 [N,3,{size},{size}] RGB, (x/255 - mean)/std",
         "outputs": "logit: [N] raw model output; p_fake: [N] sigmoid(logit) = P(fake)",
     }

@@ -526,3 +526,31 @@ def test_error_messages_name_only_flags_the_command_has():
                     continue  # another command's flag, named with its command: `deepfake-inspect OUT --verify`
                 missing += [f"{path}: {m.group()} not a flag of {c}" for c in clis if m.group() not in have[c]]
     assert not missing, missing
+
+
+# -- more names that are not UTF-8: a checkpoint, an ONNX file, a run dir; stdout that goes away -----------
+def test_checkpoint_and_onnx_names_need_not_be_utf8(world, tmp_path, caplog):
+    ck = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"ck\xff.safetensors"))
+    shutil.copyfile(world["ckpt"]["ok"], ck)
+    onnx_path = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"m\xfe.onnx"))
+    assert export.main(["--checkpoint", ck, "--onnx", onnx_path]) == 0
+    import onnx
+
+    assert {p.key: p.value for p in onnx.load(onnx_path).metadata_props}["checkpoint"] == "ck\\xff.safetensors"
+    assert predict.main(["--checkpoint", ck, str(world["real"]), "--workers", "0", "--out", str(tmp_path / "p.csv")]) == 0
+    run = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"run\xff"))
+    assert train.main(["--data", str(world["packed"]), "--out", run, *TINY]) == 2
+    assert "--out " + str(tmp_path) + "/run\\xff: not valid UTF-8 (TensorBoard cannot write there)" in one_error(caplog)
+    assert not os.path.exists(run)
+
+
+def test_predict_stdout_closed_is_one_line(world, tmp_path):
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.predict", "--checkpoint", str(world["ckpt"]["ok"]),
+                                 str(world["real"]), str(world["fake"]), "--workers", "0", "--device", "cpu"],
+                                stdout=subprocess.PIPE, stderr=err, env=env(), cwd=REPO)
+        proc.stdout.close()  # the reader goes away before any row is written (`| head` that ended)
+        assert proc.wait(timeout=120) == 2
+    text = (tmp_path / "err").read_text()
+    assert "Traceback" not in text and "Exception ignored" not in text, text
+    assert text.rstrip().endswith("predict: cannot write stdout: the reader closed the pipe; rows were lost: use --out FILE")

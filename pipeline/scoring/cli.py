@@ -3,12 +3,14 @@ evaluate and predict, the default device, UTF-8 on stdout."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from typing import NoReturn
 
 import torch
 
-from pipeline.scoring.outputs import shown
+from pipeline.scoring.outputs import OutputError, shown
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,11 +44,22 @@ def default_device() -> str:
 
 
 def stdout_bytes(text: str) -> None:
-    """Write ``text`` to stdout as UTF-8 whatever the locale says (`pipeline.scoring.outputs.shown` made it valid)."""
+    """Write ``text`` to stdout as UTF-8 whatever the locale says (`pipeline.scoring.outputs.shown` made it
+    valid). A reader that went away (``| head``) or a full disk is an OutputError naming stdout; stdout is
+    then pointed at /dev/null so that the interpreter's own flush at exit does not fail a second time."""
     buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:  # a replaced stdout (tests, notebooks) takes text
-        sys.stdout.write(text)
-        return
-    sys.stdout.flush()
-    buffer.write(text.encode("utf-8"))
-    buffer.flush()
+    try:
+        if buffer is None:  # a replaced stdout (tests, notebooks) takes text
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        sys.stdout.flush()
+        buffer.write(text.encode("utf-8"))
+        buffer.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        why = "the reader closed the pipe" if isinstance(e, BrokenPipeError) else (e.strerror or str(e)).lower()
+        raise OutputError(f"cannot write stdout: {why}; rows were lost: use --out FILE") from None

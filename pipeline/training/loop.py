@@ -202,7 +202,7 @@ def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: P
     with writing(out / "metrics.csv"):
         write_metrics_csv(out / "metrics.csv", progress.history)
     with writing(out / "curves.png"):
-        plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {Path(cfg.data).name}")
+        plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {shown(Path(cfg.data).name)}")
     row = progress.history[-1]
     for key in METRIC_COLUMNS[1:]:
         if row.get(key) is not None:

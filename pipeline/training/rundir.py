@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from pipeline.scoring.metrics import HEADLINE, to_jsonable
-from pipeline.scoring.outputs import OutputError, check_apart, check_output_dir, writing
+from pipeline.scoring.outputs import OutputError, check_apart, check_output_dir, shown, writing
 from shard_tools.fsutil import atomic_write_json, atomic_write_text, file_mode
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,10 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, expected a run directory")
     check_output_dir("--out", out)  # writable, or creatable: before any data is read
+    try:
+        os.path.abspath(out).encode("utf-8")
+    except UnicodeEncodeError:  # tensorboard encodes its file names as UTF-8, strictly
+        raise RunError(f"--out {shown(out)}: not valid UTF-8 (TensorBoard cannot write there); choose another --out") from None
     check_apart("--out", out, [(f"--{k.replace('_', '-')}", config[k]) for k in ("data", "val_data")
                                if isinstance(config.get(k), str) and os.path.isdir(config[k])])
     if not cfg_path.exists():
