@@ -554,3 +554,17 @@ def test_predict_stdout_closed_is_one_line(world, tmp_path):
     text = (tmp_path / "err").read_text()
     assert "Traceback" not in text and "Exception ignored" not in text, text
     assert text.rstrip().endswith("predict: cannot write stdout: the reader closed the pipe; rows were lost: use --out FILE")
+
+
+@pytest.mark.slow
+def test_dali_eval_batch_larger_than_the_split_stays_small(world, tmp_path):
+    """An eval batch pads to its full size: --batch-size 100000 on an 18-sample split once made DALI
+    decode 100000 images (20 GB, minutes); it is now cut to the split."""
+    pytest.importorskip("nvidia.dali")
+    proc = run_limited(["pipeline.evaluate", "--checkpoint", str(world["ckpt"]["ok"]), "--data", str(world["packed"]),
+                        "--backend", "dali", "--workers", "1", "--device", "cpu", "--batch-size", "100000",
+                        "--out", str(tmp_path / "eval")], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 4 * 2**20  # KiB: under 4 GiB
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "scores.csv")))
+    assert len(rows) == json.loads((world["packed"] / "manifest.json").read_text())["splits"]["val"]["num_samples"]

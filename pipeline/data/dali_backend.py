@@ -119,7 +119,7 @@ def _decodes(data: bytes) -> bool:
     return arr is not None and arr.size > 0
 
 
-def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> None:
+def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> int:
     """Check ``shard`` and its ``index`` the way DALI will read them, before DALI opens them.
 
     DALI cannot be trusted with bad data: its CPU image decoder crashes the whole process (SIGSEGV in
@@ -128,7 +128,7 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> N
     every index line must match the tar's members, and every sample must be what the packer wrote
     (`pipeline.data.sample_source.check_sample`: members, label, the SHA-256 of original image
     bytes); an image that no SHA-256 vouches for (normalised, or a foreign shard without json) must
-    decode. DataError naming the shard and the sample otherwise.
+    decode. DataError naming the shard and the sample otherwise. Returns the shard's sample count.
     """
     try:
         count = _check_index(shard, index, expected, hint)
@@ -144,6 +144,7 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> N
         raise DataError(f"shard {shard}: cannot read it ({e.strerror or e}); {hint}") from None
     if n != count:
         raise DataError(f"shard {shard} holds {n} samples, its index {index} says {count}; {hint}")
+    return n
 
 
 def _hash_checked(sample: dict) -> bool:
@@ -155,15 +156,15 @@ def _hash_checked(sample: dict) -> bool:
     return isinstance(info, dict) and isinstance(info.get("sha256"), str) and info.get("normalized") is None
 
 
-def check_shards(shardset: ShardSet, threads: int = 1) -> None:
+def check_shards(shardset: ShardSet, threads: int = 1) -> int:
     """`check_shard` for every shard of the split (in parallel threads: hashing releases the GIL);
-    raises the DataError of the first bad shard in split order."""
+    raises the DataError of the first bad shard in split order; returns the split's sample count."""
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = shardset.shard_sizes or [None] * len(shardset.shards)
     jobs = list(zip(shardset.shards, shardset.indexes, sizes))
     with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
-        list(pool.map(lambda job: check_shard(*job, shardset.hint()), jobs))
+        return sum(pool.map(lambda job: check_shard(*job, shardset.hint()), jobs))
 
 
 def parse_source_info(row: np.ndarray) -> tuple:
@@ -183,8 +184,11 @@ class DaliLoader:
     def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
         if shardset.remote:  # DALI reads local files: fetch the split once, verified, into the cache
             shardset = localize(shardset, spec.cache_dir or default_cache_dir(), progress=spec.rank == 0)
+        total = check_shards(shardset, threads=max(1, spec.num_workers))
+        check_split_size(spec, total)  # before DALI allocates buffers for a batch the split cannot fill
+        if not spec.train:  # an eval batch pads to its full size: never decode more than a rank's share
+            spec = spec.replace(batch_size=min(spec.batch_size, -(-total // spec.world_size)))
         self.spec, self.shardset = spec, shardset
-        check_shards(shardset, threads=max(1, spec.num_workers))
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.num_threads = max(1, spec.num_workers)
