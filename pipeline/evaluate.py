@@ -38,9 +38,10 @@ from typing import List, Optional
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
-from pipeline.scoring.cli import check_inference_args, default_device
+from pipeline.scoring.cli import add_scoring_arg, check_inference_args, default_device, scoring_mode
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
-from pipeline.scoring.score import per_group, score_folders, score_shards, write_scores_csv
+from pipeline.scoring.report import parse_set
+from pipeline.scoring.score import per_group, score_folders, score_split, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 from shard_tools.storage import parse_storage_options
@@ -73,6 +74,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "installed, else torch)")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
+    g.add_argument("--set", action="append", default=[], type=parse_set, metavar="NAME=REAL_DIR,FAKE_DIR",
+                   help="a named set of real and fake folders for the cross-source report (repeatable; with --data "
+                        "the split counts as one more set): metrics.json and cross_source.png list AUC, AP, EER and "
+                        "accuracy per set and per scoring mode (all four, or the one --scoring names)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv and the plots")
     g.add_argument("--robustness", action="store_true",
@@ -82,6 +88,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.set:
+        if args.real or args.fake or args.robustness:
+            p.error("--set makes the cross-source report: give sets (and optionally --data), not --real/--fake/--robustness")
+        check_inference_args(p, args)
+        return
     if args.data is not None and (args.real or args.fake):
         p.error("give either --data, or --real and --fake, not both")
     if args.data is None and not (args.real and args.fake):
@@ -105,6 +116,46 @@ def log_table(report: dict) -> None:
                     row["accuracy"], "n/a" if auc is None or auc != auc else f"{auc:.4f}")
 
 
+def _spec(args: argparse.Namespace, size: int) -> LoaderSpec:
+    return LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
+                      batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
+                      storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
+
+
+def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fake=None, need_items: bool = False):
+    """(scores, items, skipped, inputs) of --data, or of the folders ``real``/``fake``."""
+    if real is None and args.data is not None:
+        spec = _spec(args, size)
+        s, items = score_split(model, spec, mode, need_items=need_items)
+        return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
+    real, fake = real or args.real, fake or args.fake
+    s, items, skipped = score_folders(model, real, fake, image_size=size, mode=mode, device=args.device,
+                                      batch_size=args.batch_size, num_workers=args.workers)
+    return s, items, skipped, {"real": list(real), "fake": list(fake)}
+
+
+def _cross_source(args: argparse.Namespace, model, meta: dict, out: Path) -> int:
+    """--set: every set (and --data) under every scoring mode asked for: one table, one PNG."""
+    from pipeline.scoring import report as cross
+    from pipeline.scoring.modes import SCORING
+
+    size = int(meta["image_size"])
+    sets = ([(f"{Path(str(args.data)).name}:{args.split}", None, None)] if args.data else []) + list(args.set)
+    rows = []
+    for mode in [args.scoring] if args.scoring else list(SCORING):
+        for name, real, fake in sets:
+            s, _, skipped, _ = _score(args, model, size, mode, real, fake)
+            rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
+    cross.log_rows(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": meta["path"], "model": meta["model"], "image_size": size,
+              "preprocess": meta.get("preprocess"), "threshold": args.threshold, "sets": rows}
+    atomic_write_json(out / "metrics.json", to_jsonable(report))
+    cross.plot(rows, out / "cross_source.png", title=f"{meta['model']}: ROC AUC per set")
+    logger.info("wrote %s", ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = get_args_parser()
@@ -113,18 +164,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     try:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        size = int(meta["image_size"])
-        common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-        if args.data is not None:
-            spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
-                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
-            s, items = score_shards(model, spec, need_items=args.robustness)
-            skipped: List[dict] = []
-            source = {"data": str(args.data), "split": args.split, "backend": spec.backend}
-        else:
-            s, items, skipped = score_folders(model, args.real, args.fake, **common)
-            source = {"real": list(args.real), "fake": list(args.fake)}
+        if args.set:
+            return _cross_source(args, model, meta, out)
+        size, mode = int(meta["image_size"]), scoring_mode(args, meta)
+        s, items, skipped, source = _score(args, model, size, mode, need_items=args.robustness)
     except (CheckpointError, DataError, InputError, FileNotFoundError, ValueError) as e:
         logger.error("evaluate: %s", e)
         return 2
@@ -138,26 +181,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     m = quiet_metrics(s.labels, s.scores, args.threshold)
     report = {
         "checkpoint": meta["path"], "model": meta["model"], "image_size": size, "epoch": meta.get("epoch"),
+        "preprocess": meta.get("preprocess"), "scoring": mode,
         "inputs": source, "threshold": args.threshold, "metrics": m,
         "n_skipped": len(skipped), "skipped": skipped,
     }
     if args.data is None and len(set(s.groups)) > 2:
         report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
+    _write_outputs(args, out, report, s, meta)
+    if args.robustness:
+        from pipeline.scoring.robustness import plot_robustness, run_sweep
+
+        clean = (s.labels, s.scores) if args.data is None or mode in ("full", "tiles") else None
+        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=size, mode=mode,
+                        device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+        atomic_write_json(out / "robustness.json", to_jsonable(rob))
+        plot_robustness(rob, out / "robustness.png", title=f"Robustness: {meta['model']} ({mode})")
+    logger.info("wrote %s", ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+    return 0
+
+
+def _write_outputs(args: argparse.Namespace, out: Path, report: dict, s, meta: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", to_jsonable(report))
     write_scores_csv(out / "scores.csv", s)
     plot_roc({"all": (s.labels, s.scores)}, out / "roc.png", title=f"ROC: {meta['model']}")
     plot_score_hist(s.labels, s.scores, out / "scores.png", threshold=args.threshold, title="P(fake) by class")
     log_table(report)
-    if args.robustness:
-        from pipeline.scoring.robustness import plot_robustness, run_sweep
-
-        clean = (s.labels, s.scores) if args.data is None else None
-        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, **common)
-        atomic_write_json(out / "robustness.json", to_jsonable(rob))
-        plot_robustness(rob, out / "robustness.png", title=f"Robustness: {meta['model']}")
-    logger.info("wrote %s", ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,8 +34,8 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
-from pipeline.scoring.cli import check_inference_args, default_device
-from pipeline.scoring.score import score_items
+from pipeline.scoring.cli import add_scoring_arg, check_inference_args, default_device, scoring_mode
+from pipeline.scoring.modes import score_items
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger("pipeline.predict")
@@ -55,6 +55,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which the label is 'fake'")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="write rows to this .csv or .json file (default: CSV on stdout)")
     return p
@@ -67,14 +68,14 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def predict(
-    model: torch.nn.Module, paths: List[str], *, image_size: int, threshold: float = 0.5,
+    model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
 ) -> List[dict]:
     """One row per file under ``paths``: ``{"path", "p_fake", "label", "error"}`` (None where not applicable)."""
     items, skips = collect(paths)
     if skips:
         logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), skips[0]["path"], skips[0]["reason"])
-    scores, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
+    scores, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, desc="predict")
     rows = []
     for i, item in enumerate(items):
@@ -102,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        rows = predict(model, args.paths, image_size=int(meta["image_size"]), threshold=args.threshold,
+        mode = scoring_mode(args, meta)
+        rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers)
     except (CheckpointError, FileNotFoundError) as e:
         logger.error("predict: %s", e)
@@ -116,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.flush()
     elif Path(args.out).suffix.lower() == ".json":
         atomic_write_json(args.out, {
-            "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
+            "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]), "scoring": mode,
             "threshold": args.threshold, "n": len(rows), "n_errors": n_err, "predictions": rows,
         })
     else:

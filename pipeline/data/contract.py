@@ -63,6 +63,15 @@ def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
     return "torch"
 
 
+def dali_unsupported(aug: AugConfig) -> Optional[str]:
+    """The flag the DALI backend does not implement for ``aug``, or None (it does everything else)."""
+    if aug.preprocess != "resize":
+        return f"--preprocess {aug.preprocess}"
+    if aug.self_blend > 0:
+        return "--self-blend"
+    return None
+
+
 def derive_seed(*parts) -> int:
     """A stable 31-bit seed from any values such as ``(seed, epoch, rank, "aug")``: the same in every
     process (``hash()`` is not) and valid for DALI, whose seeds are signed 32-bit."""
@@ -129,7 +138,10 @@ class LoaderSpec:
         object.__setattr__(self, "data", str(self.data))
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "aug", aug)
-        object.__setattr__(self, "backend", resolve_backend(self.backend, device))
+        backend = resolve_backend(self.backend, device)
+        if self.backend == "auto" and backend == "dali" and dali_unsupported(aug):
+            backend = "torch"  # auto never picks a backend that cannot do what was asked
+        object.__setattr__(self, "backend", backend)
 
     def replace(self, **changes) -> "LoaderSpec":
         """A copy with some fields changed (validated again), e.g. the val spec from the train spec."""

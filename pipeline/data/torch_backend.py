@@ -130,7 +130,8 @@ class _ShardStream(IterableDataset):
         n, size = len(decoded), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
         images = _new_batch((n, size, size, 3))
-        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=self.aug.preprocess == "crop",
+                               finish=self.finish)
         shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
         return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
 

@@ -44,11 +44,11 @@ class _Setup:
         # Every rank checks before the main process writes anything, so all agree on the outcome.
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
-                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug,
+                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
                           storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir)
         self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug="none"))
+        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval()))
         if cfg.verify_data:
             for loader in (self.train_loader, self.val_loader):
                 verify_shards(loader.shardset, progress=accelerator.is_main_process)
@@ -99,7 +99,7 @@ def _prepare(cfg, accelerator, setup: _Setup):
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, **cfg.model_kwargs())
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -177,7 +177,7 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
 
 def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
     meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
-            "model_kwargs": {}, "train_config": cfg.to_dict()}
+            "model_kwargs": cfg.model_kwargs(), "train_config": cfg.to_dict(), "preprocess": cfg.aug_config().preprocess}
     save_checkpoint(out / LAST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
     if improved:
         save_checkpoint(out / BEST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
