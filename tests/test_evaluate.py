@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import help_text, make_face, make_image_dirs, write_image
+from helpers import help_text, make_face, make_image_dirs, write_image
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
 

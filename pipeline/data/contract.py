@@ -99,6 +99,8 @@ class LoaderSpec:
         cache_dir: local folder for remote shards: the torch backend downloads each shard there once
             (verified) instead of streaming it every epoch; DALI, which reads local files only,
             always downloads remote shards (here, or in `default_cache_dir`).
+        fakes: ``all``, or ``sbi-only``: training leaves the split's fakes out (reals and their
+            self-blended pseudo-fakes only; needs ``aug.self_blend`` > 0). Evaluation always reads all.
     """
 
     data: str
@@ -115,6 +117,7 @@ class LoaderSpec:
     num_workers: int = 2
     storage_options: Optional[dict] = None
     cache_dir: Optional[str] = None
+    fakes: str = "all"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -124,6 +127,8 @@ class LoaderSpec:
         check_image_size(self.image_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.fakes not in ("all", "sbi-only"):
+            raise ValueError(f"--fakes {self.fakes!r}: choose one of all, sbi-only")
         if self.num_workers < 0:
             raise ValueError(f"--workers {self.num_workers}: must be >= 0")
         try:

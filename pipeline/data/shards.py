@@ -51,6 +51,7 @@ class ShardSet:
         shard_bytes / shard_sha256: per shard from the manifest, or None.
         root: the pack output folder or URL, or None for a pattern.
         storage_options: fsspec options for URLs (`shard_tools.storage`).
+        class_counts: ``{"real": n, "fake": n}`` of the split (manifest), or empty.
     """
 
     split: str
@@ -61,6 +62,7 @@ class ShardSet:
     shard_sha256: Optional[List[Optional[str]]] = None
     root: Optional[str] = None
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    class_counts: Dict[str, int] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -229,7 +231,8 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
         indexes.append(index)
     return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=[e["num_samples"] for e in entries],
                     shard_bytes=[e.get("bytes") for e in entries], shard_sha256=[e.get("sha256") for e in entries],
-                    root=root, storage_options=dict(storage_options or {}))
+                    root=root, storage_options=dict(storage_options or {}),
+                    class_counts={k: int(v) for k, v in (splits[split].get("classes") or {}).items()})
 
 
 def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:

@@ -46,9 +46,11 @@ class _Setup:
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
-                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir)
+                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir,
+                          fakes=cfg.fakes)
         self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval()))
+        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
+                                                     fakes="all"))
         if cfg.verify_data:
             for loader in (self.train_loader, self.val_loader):
                 verify_shards(loader.shardset, progress=accelerator.is_main_process)
