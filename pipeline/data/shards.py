@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from shard_tools import storage
 from shard_tools.format import MANIFEST, is_remote
+from shard_tools.fsutil import sha256_stream
 
 logger = logging.getLogger(__name__)
 
@@ -244,15 +245,13 @@ def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:
                             unit="shard", disable=not progress):
         if want is None:
             continue
-        digest = hashlib.sha256()
         try:
             with storage.open_url(shard, storage_options=shardset.storage_options) as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                digest = sha256_stream(f)
         except storage.StorageError as e:
             raise DataError(str(e)) from None
-        if digest.hexdigest() != want:
-            raise DataError(f"shard {shard}: SHA-256 {digest.hexdigest()[:16]}... differs from the manifest's "
+        if digest != want:
+            raise DataError(f"shard {shard}: SHA-256 {digest[:16]}... differs from the manifest's "
                             f"{want[:16]}...: corrupt or replaced; {shardset.hint()}")
 
 
