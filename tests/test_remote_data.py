@@ -163,3 +163,26 @@ def test_two_nodes_on_loopback_from_s3(packed, s3_bucket, tmp_path):
     assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]  # DDP kept the replicas equal
     n_val = json.loads((packed / "manifest.json").read_text())["splits"]["val"]["num_samples"]
     assert summary["best"]["n"] == n_val  # validation counted every sample once over both nodes
+
+
+def test_server_killed_mid_epoch_is_one_line_and_no_hang(packed, tmp_path):
+    import contextlib
+    import time
+
+    from servers import http_server
+
+    folder = tmp_path / "www"
+    shutil.copytree(packed, folder / "faces")
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(http_server(folder))
+        spec = LoaderSpec(f"{base}/faces", "train", train=False, backend="torch", batch_size=2, image_size=32,
+                          num_workers=0, storage_options={"connect_timeout": 1, "read_timeout": 1, "attempts": 1})
+        it = iter(build_loader(spec))
+        next(it)
+        stack.close()  # the server is gone: connection refused for every shard not yet opened
+        t0 = time.monotonic()
+        with pytest.raises(DataError) as e:
+            for _ in it:
+                pass
+    assert time.monotonic() - t0 < 30
+    assert "\n" not in str(e.value) and f"{base}/faces/" in str(e.value)
