@@ -28,7 +28,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from pipeline.augment.config import MEAN, STD
+from pipeline.augment.config import MEAN, PREPROCESS, STD
 from shard_tools.fsutil import atomic_write_bytes
 
 FORMAT = "deepfake-detector/1"
@@ -193,6 +193,10 @@ def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
             f"{path}: metadata format is {raw.get('format')!r}, expected {FORMAT!r} (not written by deepfake-train?)"
         )
     meta = _parse_fields(path, raw)
+    meta["preprocess"] = raw.get("preprocess", "resize")  # how it was trained; older checkpoints resized
+    if meta["preprocess"] not in PREPROCESS:
+        raise CheckpointError(f"{path}: metadata field preprocess is {meta['preprocess']!r}, expected one of "
+                              f"{', '.join(PREPROCESS)}")
     meta["path"] = str(path)
     return meta
 

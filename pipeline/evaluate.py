@@ -12,12 +12,13 @@ Model name and image size come from the checkpoint metadata. Writes into ``--out
 * ``scores.csv`` (id, source, group, label, score, path_bytes_hex), ``roc.png``, ``scores.png``
   (histogram by class).
 * with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
+* with ``--set``: ``metrics.json`` and ``cross_source.png`` (the cross-source report) instead.
 
 The files appear together after all the work, ``metrics.json`` last, or not at all (`OutputSet`): a
-failed write (disk full, ...) leaves ``--out`` as it was, and an ``--out`` that cannot be a folder is
-refused before the checkpoint is even read. Paths that are not valid UTF-8 are written escaped, with
-their exact bytes in ``path_bytes_hex`` (`pipeline.scoring.outputs`). Exit code 0, or 2 with one error
-line (bad flag, checkpoint, data or output).
+failed write (disk full, ...) leaves ``--out`` as it was, and an ``--out`` that cannot be a folder (or
+lies inside an input) is refused before the checkpoint is even read. Paths that are not valid UTF-8
+are written escaped, with their exact bytes in ``path_bytes_hex`` (`pipeline.scoring.outputs`). Exit
+code 0, or 2 with one error line (bad flag, checkpoint, data or output).
 
 How images are read: ``--data`` uses the training loaders (`pipeline.data.loader.build_loader`,
 ``train=False``, augmentation ``none``; padding repeats dropped by id). ``--real/--fake`` reads the
@@ -45,18 +46,19 @@ from typing import List, Optional, Sequence
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
-from pipeline.scoring.cli import OneLineParser, check_inference_args, default_device
+from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
 from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
                                       writing)
+from pipeline.scoring.report import parse_set
 from pipeline.scoring.robustness import plot_robustness, run_sweep
-from pipeline.scoring.score import check_finite, per_group, score_folders, score_shards, write_scores_csv
+from pipeline.scoring.score import check_finite, per_group, score_folders, score_split, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
-OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png")
+OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png", "cross_source.png")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -84,6 +86,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "installed, else torch)")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
+    g.add_argument("--set", action="append", default=[], type=parse_set, metavar="NAME=REAL_DIR,FAKE_DIR",
+                   help="a named set of real and fake folders for the cross-source report (repeatable; with --data "
+                        "the split counts as one more set): metrics.json and cross_source.png list AUC, AP, EER and "
+                        "accuracy per set and per scoring mode (all four, or the one --scoring names)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv and the plots")
     g.add_argument("--robustness", action="store_true",
@@ -106,17 +113,30 @@ def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequen
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        parse_storage_options(args.storage_options)
+    except ValueError as e:
+        p.error(str(e))
+    check_inference_args(p, args)
+    if args.set:
+        if args.real or args.fake or args.robustness:
+            p.error("--set makes the cross-source report: give sets (and optionally --data), not --real/--fake/--robustness")
+        for _, real, fake in args.set:
+            check_disjoint(p, real, fake)
+        return
     if args.data is not None and (args.real or args.fake):
         p.error("give either --data, or --real and --fake, not both")
     if args.data is None and not (args.real and args.fake):
         p.error("give --data PACK_OUT, or both --real DIR [DIR ...] and --fake DIR [DIR ...]")
     if args.data is None:
         check_disjoint(p, args.real, args.fake)
-    try:
-        args.storage_options = parse_storage_options(args.storage_options)
-    except ValueError as e:
-        p.error(str(e))
-    check_inference_args(p, args)
+
+
+def _inputs(args: argparse.Namespace) -> List[tuple]:
+    """(flag, path) of every input, for `check_apart`."""
+    folders = [("--data", args.data)] if args.data is not None else []
+    folders += [("--real", r) for r in args.real or []] + [("--fake", f) for f in args.fake or []]
+    return folders + [(f"--set {name}", d) for name, real, fake in args.set for d in real + fake]
 
 
 def log_table(report: dict) -> None:
@@ -135,26 +155,56 @@ def log_table(report: dict) -> None:
                     row["accuracy"], "n/a" if auc is None or auc != auc else f"{auc:.4f}")
 
 
-def _score(args: argparse.Namespace, model, size: int):
-    """(scores, items for the robustness sweep, skip records, the inputs as reported)."""
-    common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-    if args.data is not None:
-        spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
-                          batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                          storage_options=args.storage_options, cache_dir=args.cache_dir)
-        s, items = score_shards(model, spec, need_items=args.robustness)
+def _spec(args: argparse.Namespace, size: int) -> LoaderSpec:
+    return LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
+                      batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
+                      storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
+
+
+def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fake=None, need_items: bool = False):
+    """(scores, items, skipped, inputs) of --data, or of the folders ``real``/``fake``."""
+    if real is None and args.data is not None:
+        spec = _spec(args, size)
+        s, items = score_split(model, spec, mode, need_items=need_items)
         return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
-    s, items, skipped = score_folders(model, args.real, args.fake, **common)
-    return s, items, skipped, {"real": list(args.real), "fake": list(args.fake)}
+    real, fake = real or args.real, fake or args.fake
+    s, items, skipped = score_folders(model, real, fake, image_size=size, mode=mode, device=args.device,
+                                      batch_size=args.batch_size, num_workers=args.workers)
+    return s, items, skipped, {"real": list(real), "fake": list(fake)}
 
 
-def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source: dict) -> dict:
+def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
+    """--set: every set (and --data) under every scoring mode asked for: one table, one PNG."""
+    from pipeline.scoring import report as cross
+    from pipeline.scoring.modes import SCORING
+
+    size = int(meta["image_size"])
+    sets = ([(f"{Path(str(args.data)).name}:{args.split}", None, None)] if args.data else []) + list(args.set)
+    rows = []
+    for mode in [args.scoring] if args.scoring else list(SCORING):
+        for name, real, fake in sets:
+            s, _, skipped, _ = _score(args, model, size, mode, real, fake)
+            check_finite(s.scores, s.ids, meta["path"])
+            rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
+    cross.log_rows(rows)
+    report = {"checkpoint": meta["path"], "model": meta["model"], "image_size": size,
+              "preprocess": meta.get("preprocess"), "threshold": args.threshold, "sets": rows}
+    names = _write(args, [
+        ("cross_source.png", lambda path: cross.plot(rows, path, title=f"{meta['model']}: ROC AUC per set")),
+        ("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report)))),
+    ])
+    logger.info("wrote %s into %s", ", ".join(names), shown(args.out))
+    return 0
+
+
+def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source: dict, mode: str) -> dict:
     m = quiet_metrics(s.labels, s.scores, args.threshold)
     for k in skipped:
         k["path_bytes_hex"] = path_hex(k["path"]) or None
     report = {
         "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
-        "epoch": meta.get("epoch"), "inputs": source, "threshold": args.threshold, "metrics": m,
+        "epoch": meta.get("epoch"), "preprocess": meta.get("preprocess"), "scoring": mode,
+        "inputs": source, "threshold": args.threshold, "metrics": m,
         "n_skipped": len(skipped), "skipped": skipped,
     }
     if args.data is None and len(set(s.groups)) > 2:
@@ -162,22 +212,26 @@ def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source
     return report
 
 
-def _write(args: argparse.Namespace, meta: dict, s, report: dict, rob: Optional[dict]) -> List[str]:
-    """All outputs into --out together (metrics.json last) or none of them (`OutputSet`)."""
+def _write(args: argparse.Namespace, files) -> List[str]:
+    """``(name, write(path))`` pairs into --out together (metrics.json last) or none of them (`OutputSet`)."""
     with OutputSet(args.out, last="metrics.json", stale=OUTPUTS) as outputs:
-        for name, write in (
-            ("scores.csv", lambda path: write_scores_csv(path, s)),
-            ("roc.png", lambda path: plot_roc({"all": (s.labels, s.scores)}, path, title=f"ROC: {meta['model']}")),
-            ("scores.png", lambda path: plot_score_hist(s.labels, s.scores, path, threshold=args.threshold,
-                                                        title="P(fake) by class")),
-            *((("robustness.json", lambda path: atomic_write_json(path, showable(to_jsonable(rob)))),
-               ("robustness.png", lambda path: plot_robustness(rob, path, title=f"Robustness: {meta['model']}")))
-              if rob is not None else ()),
-            ("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report)))),
-        ):
+        for name, write in files:
             with writing(outputs.final(name)):
                 write(outputs.path(name))
         return outputs.commit()
+
+
+def _outputs(args: argparse.Namespace, meta: dict, s, report: dict, rob: Optional[dict], mode: str) -> list:
+    files = [
+        ("scores.csv", lambda path: write_scores_csv(path, s)),
+        ("roc.png", lambda path: plot_roc({"all": (s.labels, s.scores)}, path, title=f"ROC: {meta['model']}")),
+        ("scores.png", lambda path: plot_score_hist(s.labels, s.scores, path, threshold=args.threshold,
+                                                    title="P(fake) by class")),
+    ]
+    if rob is not None:
+        files += [("robustness.json", lambda path: atomic_write_json(path, showable(to_jsonable(rob)))),
+                  ("robustness.png", lambda path: plot_robustness(rob, path, title=f"Robustness: {meta['model']} ({mode})"))]
+    return files + [("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report))))]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -187,10 +241,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         check_output_dir("--out", args.out)
-        check_apart("--out", args.out, [("--data", args.data)] if args.data is not None else
-                    [("--real", r) for r in args.real] + [("--fake", f) for f in args.fake])
+        check_apart("--out", args.out, _inputs(args))
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        s, items, skipped, source = _score(args, model, int(meta["image_size"]))
+        if args.set:
+            return _cross_source(args, model, meta)
+        size, mode = int(meta["image_size"]), scoring_mode(args, meta)
+        s, items, skipped, source = _score(args, model, size, mode, need_items=args.robustness)
         check_finite(s.scores, s.ids, meta["path"])
     except (CheckpointError, DataError, InputError, OutputError, FileNotFoundError, ValueError) as e:
         logger.error("evaluate: %s", shown(e))
@@ -202,15 +258,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes; nothing "
                      "written", " and ".join(missing), len(skipped))
         return 2
-    report = _report(args, meta, s, skipped, source)
+    report = _report(args, meta, s, skipped, source, mode)
     log_table(report)
     rob = None
     if args.robustness:
-        clean = (s.labels, s.scores) if args.data is None else None
-        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=int(meta["image_size"]),
+        clean = (s.labels, s.scores) if args.data is None or mode in ("full", "tiles") else None
+        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=size, mode=mode,
                         device=args.device, batch_size=args.batch_size, num_workers=args.workers)
     try:
-        names = _write(args, meta, s, report, rob)
+        names = _write(args, _outputs(args, meta, s, report, rob, mode))
     except OutputError as e:
         logger.error("evaluate: %s; nothing written", e)
         return 2

@@ -39,10 +39,12 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
-from pipeline.scoring.cli import OneLineParser, check_inference_args, default_device, stdout_bytes
+from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
+                                  stdout_bytes)
+from pipeline.scoring.modes import score_items
 from pipeline.scoring.outputs import (OutputError, check_apart, check_output_file, path_hex, showable, shown,
                                       writing)
-from pipeline.scoring.score import check_finite, score_items
+from pipeline.scoring.score import check_finite
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 from shard_tools.inputs import InputError
 
@@ -63,6 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which the label is 'fake'")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="write rows to this .csv or .json file (default: CSV on stdout)")
     return p
@@ -75,7 +78,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def predict(
-    model: torch.nn.Module, paths: List[str], *, image_size: int, threshold: float = 0.5,
+    model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
     checkpoint: str = "the checkpoint",
 ) -> List[dict]:
@@ -88,7 +91,7 @@ def predict(
     if skips:
         logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), shown(skips[0]["path"]),
                     skips[0]["reason"])
-    scores, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
+    scores, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, desc="predict")
     read = [i for i in range(len(items)) if i not in errors]
     check_finite(scores[read], [items[i].path for i in read], checkpoint)
@@ -118,7 +121,7 @@ def rows_to_json(rows: List[dict], meta: dict, threshold: float) -> dict:
     n_err = sum(r["error"] is not None for r in rows)
     return showable({
         "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
-        "threshold": threshold, "n": len(rows), "n_errors": n_err,
+        "scoring": meta.get("scoring"), "threshold": threshold, "n": len(rows), "n_errors": n_err,
         "predictions": [{**r, "path_bytes_hex": path_hex(r["path"]) or None} for r in rows],
     })
 
@@ -144,14 +147,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_output_file("--out", args.out, "file name ending in .csv or .json")
             check_apart("--out", args.out, [("PATH", p) for p in args.paths])
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        rows = predict(model, args.paths, image_size=int(meta["image_size"]), threshold=args.threshold,
+        mode = scoring_mode(args, meta)
+        rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                        checkpoint=meta["path"])
         n_err = sum(r["error"] is not None for r in rows)
         for r in rows:
             if r["error"] is not None:
                 logger.warning("could not read %s: %s", shown(r["path"]), shown(r["error"]))
-        _write(args.out, rows, meta, args.threshold)
+        _write(args.out, rows, {**meta, "scoring": mode}, args.threshold)
     except (CheckpointError, InputError, OutputError, FileNotFoundError) as e:
         logger.error("predict: %s", shown(e))
         return 2

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_face, make_image_dirs, write_image
+from helpers import make_image_dirs, write_image
 
 from model import create_model
 from pipeline import evaluate, export, predict, train

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import help_text, make_face, write_image
+from helpers import help_text, make_face, write_image
 from PIL import Image
 
 from pipeline import predict

@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.contract import Batch, LoaderSpec, check_split_size, dali_unsupported, derive_seed, rank_share
 from pipeline.data.sample_source import check_sample
 from pipeline.data.shards import DataError, ShardSet, default_cache_dir, localize
 from pipeline.data.tar_reader import TarFormatError, iter_members, iter_samples
@@ -182,6 +182,9 @@ class DaliLoader:
     """
 
     def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+        missing = dali_unsupported(spec.aug)
+        if missing:
+            raise ValueError(f"{missing}: not implemented in the DALI backend; use --backend torch (or auto)")
         if shardset.remote:  # DALI reads local files: fetch the split once, verified, into the cache
             shardset = localize(shardset, spec.cache_dir or default_cache_dir(), progress=spec.rank == 0)
         total = check_shards(shardset, threads=max(1, spec.num_workers))

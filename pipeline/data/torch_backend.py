@@ -55,6 +55,7 @@ from pipeline.augment import uint8_ops
 from pipeline.augment.batch_ops import apply_params, normalize_
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
+from pipeline.augment.self_blend import pseudo_fake_or_real
 from pipeline.data import tar_reader
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
 from pipeline.data.sample_source import Piece, SampleSource, check_sample, plan_pieces
@@ -64,6 +65,7 @@ from pipeline.data.tar_reader import TarFormatError
 logger = logging.getLogger(__name__)
 
 
+SBI_SUFFIX = "#sbi"  # ids of pseudo-fakes: never confused with their source sample
 SHUFFLE_BUFFER = 1000  # samples, held as encoded bytes (~10 KB each for 256 px JPEG faces)
 
 
@@ -89,8 +91,9 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
                  batch_size: int, train: bool, aug: AugConfig, finish: bool, seed: int, epoch: int, rank: int,
-                 world_size: int) -> None:
+                 world_size: int, reals_only: bool = False) -> None:
         super().__init__()
+        self.reals_only = reals_only
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.finish = aug, finish
@@ -124,13 +127,23 @@ class _ShardStream(IterableDataset):
                             "JPEG/PNG/WebP); " + self.source.hint)
         return image, label, key
 
+    def blend(self, image: np.ndarray, label: int, key: str) -> Tuple[np.ndarray, int, str]:
+        """A real sample, maybe turned into its self-blended pseudo-fake (label 1, id ``KEY#sbi``),
+        drawn from (seed, epoch, key): the same whatever the rank, worker or batch it lands in."""
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key, "sbi"))
+        image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend)
+        return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
+
     def process(self, samples: List[dict], generator: torch.Generator) -> tuple:
         """Decode one batch of raw samples into a new uint8 [N, S, S, 3] batch (shared memory in a worker)."""
         decoded = [self.decode(s) for s in samples]
+        if self.train and self.aug.self_blend > 0:
+            decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
         n, size = len(decoded), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
         images = _new_batch((n, size, size, 3))
-        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params if self.finish else None)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=self.aug.preprocess == "crop",
+                               finish=self.finish)
         shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
         return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
 
@@ -140,6 +153,8 @@ class _ShardStream(IterableDataset):
         pieces = self.pieces(worker, num_workers)
         items = [{"piece": p} for p in pieces]
         stages = [lambda: iter(items), self.read_pieces]  # a bare list would be taken as a list of stages
+        if self.train and self.reals_only:
+            stages.append(wds.select(lambda sample: sample.get("cls", b"").strip() == b"0"))
         if self.train:
             n = sum(p.stop - p.start for p in pieces)
             buf = max(1, min(SHUFFLE_BUFFER, n))
@@ -198,10 +213,20 @@ class TorchLoader:
         self.pool = uint8_ops.BufferPool()
         self.split_samples = sum(self.sizes)
         self.own = rank_share(self.split_samples, self.rank, self.world_size)
-        self.steps = check_split_size(spec, self.split_samples)
+        self.steps = check_split_size(spec, self._train_samples(spec, shardset))
         self.padded = math.ceil(self.split_samples / self.world_size)
         # Every worker gets a contiguous range of at least one sample; more workers than that only idle.
         self.num_workers = min(spec.num_workers, self.own)
+
+    def _train_samples(self, spec: LoaderSpec, shardset: ShardSet) -> int:
+        """Samples the steps are counted from: the split, or with ``fakes='sbi-only'`` its reals
+        less a 3% margin (the packer interleaves the classes, so every rank's part holds about its
+        share of them; the margin keeps a rank from running out, which would stall the others)."""
+        if not (spec.train and spec.fakes == "sbi-only"):
+            return self.split_samples
+        if "real" not in shardset.class_counts:
+            raise DataError(f"{spec.data}: --fakes sbi-only needs the per-class counts of a pack output's manifest")
+        return int(shardset.class_counts["real"] * 0.97)
 
     @property
     def num_samples(self) -> int:
@@ -219,7 +244,7 @@ class TorchLoader:
         stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
                               batch_size=self.batch_size, train=self.train, aug=self.aug,
                               finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
-                              world_size=self.world_size)
+                              world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only")
         uint8_ops.single_threaded()  # before the workers fork (see there)
         source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",

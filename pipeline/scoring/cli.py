@@ -1,4 +1,4 @@
-"""What the entry points share: a parser whose usage errors are one line, the common flag checks of
+"""What the entry points share: a parser whose usage errors are one line, the common flags and checks of
 evaluate and predict, the default device, UTF-8 on stdout."""
 from __future__ import annotations
 
@@ -41,6 +41,24 @@ def check_inference_args(p: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_scoring_arg(group) -> None:
+    """``--scoring``: how an image of any size becomes the model's input (`pipeline.scoring.modes`)."""
+    from pipeline.scoring.modes import SCORING
+
+    group.add_argument("--scoring", default=None, choices=SCORING,
+                       help="resize: the whole image resized to the model's size; center: the centre crop at native "
+                            "resolution; full: the whole image at native resolution; tiles: the mean logit of crops "
+                            "covering the image (default: from the checkpoint: resize for resize-trained models, "
+                            "full for crop-trained ones)")
+
+
+def scoring_mode(args: argparse.Namespace, meta: dict) -> str:
+    """The ``--scoring`` mode asked for, or the checkpoint's default."""
+    from pipeline.scoring.modes import default_scoring
+
+    return args.scoring or default_scoring(meta.get("preprocess", "resize"))
 
 
 def stdout_bytes(text: str) -> None:

@@ -45,11 +45,13 @@ class _Setup:
         # Every rank checks before the main process writes anything, so all agree on the outcome.
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
-                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug,
+                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
-                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir)
+                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir,
+                          fakes=cfg.fakes)
         self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug="none"))
+        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
+                                                     fakes="all"))
         if cfg.verify_data:
             for loader in (self.train_loader, self.val_loader):
                 verify_shards(loader.shardset, progress=accelerator.is_main_process)
@@ -114,7 +116,7 @@ def _prepare(cfg, accelerator, setup: _Setup):
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, **cfg.model_kwargs())
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -195,7 +197,7 @@ def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: P
     """last/best checkpoints, metrics.csv, curves.png, TensorBoard scalars; OutputError naming a file that
     cannot be written (each file is atomic: a failed write leaves the previous epoch's version)."""
     meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
-            "model_kwargs": {}, "train_config": cfg.to_dict()}
+            "model_kwargs": cfg.model_kwargs(), "train_config": cfg.to_dict(), "preprocess": cfg.aug_config().preprocess}
     for name in (LAST, BEST) if improved else (LAST,):
         with writing(out / name, "checkpoint"):
             save_checkpoint(out / name, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
