@@ -18,15 +18,17 @@ failure is one `CheckpointError` line naming the file and the field or tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from pipeline.augment.config import MEAN, STD
+from pipeline.augment.config import MEAN, PREPROCESS, STD
 from shard_tools.fsutil import atomic_write_bytes
 
 FORMAT = "deepfake-detector/1"
@@ -180,11 +182,9 @@ def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
     variant and ``model_kwargs`` within `model.validate_kwargs`' bounds; anything else is a
     `CheckpointError` naming the file and the field. Nothing is built.
     """
-    from safetensors import safe_open
-
     path = resolve_checkpoint(path_or_run_dir)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with _safe_open(path) as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise CheckpointError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
@@ -193,16 +193,18 @@ def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
             f"{path}: metadata format is {raw.get('format')!r}, expected {FORMAT!r} (not written by deepfake-train?)"
         )
     meta = _parse_fields(path, raw)
+    meta["preprocess"] = raw.get("preprocess", "resize")  # how it was trained; older checkpoints resized
+    if meta["preprocess"] not in PREPROCESS:
+        raise CheckpointError(f"{path}: metadata field preprocess is {meta['preprocess']!r}, expected one of "
+                              f"{', '.join(PREPROCESS)}")
     meta["path"] = str(path)
     return meta
 
 
 def _read_state(path: Path, model_name: str, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The tensors ``expected`` names, after checking names and shapes from the header alone."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _safe_open(path, device="cpu") as f:
             names = set(f.keys())
             missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
             if missing or unexpected:
@@ -217,6 +219,30 @@ def _read_state(path: Path, model_name: str, expected: Mapping[str, torch.Tensor
         raise
     except Exception as e:  # the header parsed once already; a file changed or damaged since
         raise CheckpointError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
+
+
+@contextlib.contextmanager
+def _safe_open(path: Path, **kwargs):
+    """``safetensors.safe_open`` for any path: it takes only UTF-8 names, so a name that is not UTF-8 is
+    opened here and handed over as ``/proc/self/fd/N`` (Linux); elsewhere it is a CheckpointError."""
+    from safetensors import safe_open
+
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise CheckpointError(f"{name.encode('utf-8', 'backslashreplace').decode()}: safetensors reads only file "
+                                  "names that are valid UTF-8; rename the file") from None
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            with safe_open(f"/proc/self/fd/{fd}", framework="pt", **kwargs) as f:
+                yield f
+        finally:
+            os.close(fd)
+        return
+    with safe_open(name, framework="pt", **kwargs) as f:
+        yield f
 
 
 def _check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:

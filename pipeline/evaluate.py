@@ -9,8 +9,16 @@ Model name and image size come from the checkpoint metadata. Writes into ``--out
   average precision, EER, confusion matrix (`pipeline.scoring.metrics.binary_metrics`); per input folder
   when more than one folder is given (each folder's accuracy, and the AUC of that folder against
   all images of the other class); every skipped file with its reason.
-* ``scores.csv`` (id, source, group, label, score), ``roc.png``, ``scores.png`` (histogram by class).
+* ``scores.csv`` (id, source, group, label, score, path_bytes_hex), ``roc.png``, ``scores.png``
+  (histogram by class).
 * with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
+* with ``--set``: ``metrics.json`` and ``cross_source.png`` (the cross-source report) instead.
+
+The files appear together after all the work, ``metrics.json`` last, or not at all (`OutputSet`): a
+failed write (disk full, ...) leaves ``--out`` as it was, and an ``--out`` that cannot be a folder (or
+lies inside an input) is refused before the checkpoint is even read. Paths that are not valid UTF-8
+are written escaped, with their exact bytes in ``path_bytes_hex`` (`pipeline.scoring.outputs`). Exit
+code 0, or 2 with one error line (bad flag, checkpoint, data or output).
 
 How images are read: ``--data`` uses the training loaders (`pipeline.data.loader.build_loader`,
 ``train=False``, augmentation ``none``; padding repeats dropped by id). ``--real/--fake`` reads the
@@ -33,23 +41,28 @@ if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file
 import argparse
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
-from pipeline.scoring.cli import check_inference_args, default_device
+from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
-from pipeline.scoring.score import per_group, score_folders, score_shards, write_scores_csv
+from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
+                                      writing)
+from pipeline.scoring.report import parse_set
+from pipeline.scoring.robustness import plot_robustness, run_sweep
+from pipeline.scoring.score import check_finite, per_group, score_folders, score_split, write_scores_csv
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
+OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png", "cross_source.png")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Score a trained checkpoint on shards or on image folders; write metrics, plots and scores.",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -76,6 +89,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="torch backend with --data: decode in the workers (cpu) or with nvJPEG on the GPU (gpu); "
                         "auto = gpu on CUDA, cpu otherwise")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
+    g.add_argument("--set", action="append", default=[], type=parse_set, metavar="NAME=REAL_DIR,FAKE_DIR",
+                   help="a named set of real and fake folders for the cross-source report (repeatable; with --data "
+                        "the split counts as one more set): metrics.json and cross_source.png list AUC, AP, EER and "
+                        "accuracy per set and per scoring mode (all four, or the one --scoring names)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv and the plots")
     g.add_argument("--robustness", action="store_true",
@@ -84,12 +102,44 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str]) -> None:
+    """Refuse a --real path that is a --fake path, or inside one (or the other way round): its images
+    would be scored as both classes."""
+    for r in real:
+        for f in fake:
+            a, b = os.path.realpath(r), os.path.realpath(f)
+            if a == b:
+                p.error(f"--real {r} and --fake {f} are the same path: every image there would count as both classes")
+            if os.path.commonpath([a, b]) in (a, b):
+                p.error(f"--real {r} and --fake {f} overlap (one is inside the other): the images they share "
+                        "would count as both classes")
+
+
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        parse_storage_options(args.storage_options)
+    except ValueError as e:
+        p.error(str(e))
+    check_inference_args(p, args)
+    if args.set:
+        if args.real or args.fake or args.robustness:
+            p.error("--set makes the cross-source report: give sets (and optionally --data), not --real/--fake/--robustness")
+        for _, real, fake in args.set:
+            check_disjoint(p, real, fake)
+        return
     if args.data is not None and (args.real or args.fake):
         p.error("give either --data, or --real and --fake, not both")
     if args.data is None and not (args.real and args.fake):
         p.error("give --data PACK_OUT, or both --real DIR [DIR ...] and --fake DIR [DIR ...]")
-    check_inference_args(p, args)
+    if args.data is None:
+        check_disjoint(p, args.real, args.fake)
+
+
+def _inputs(args: argparse.Namespace) -> List[tuple]:
+    """(flag, path) of every input, for `check_apart`."""
+    folders = [("--data", args.data)] if args.data is not None else []
+    folders += [("--real", r) for r in args.real or []] + [("--fake", f) for f in args.fake or []]
+    return folders + [(f"--set {name}", d) for name, real, fake in args.set for d in real + fake]
 
 
 def log_table(report: dict) -> None:
@@ -104,8 +154,88 @@ def log_table(report: dict) -> None:
     logger.info("  confusion          real->real %d  real->fake %d  fake->real %d  fake->fake %d", tn, fp, fn, tp)
     for row in report.get("per_folder", []):
         auc = row["roc_auc_vs_other_class"]
-        logger.info("  %-40s %-4s n=%-6d acc=%.4f auc_vs_other=%s", row["folder"][-40:], row["label"], row["n"],
+        logger.info("  %-40s %-4s n=%-6d acc=%.4f auc_vs_other=%s", shown(row["folder"])[-40:], row["label"], row["n"],
                     row["accuracy"], "n/a" if auc is None or auc != auc else f"{auc:.4f}")
+
+
+def _spec(args: argparse.Namespace, size: int) -> LoaderSpec:
+    return LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
+                      batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
+                      storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir,
+                      decode=args.decode)
+
+
+def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fake=None, need_items: bool = False):
+    """(scores, items, skipped, inputs) of --data, or of the folders ``real``/``fake``."""
+    if real is None and args.data is not None:
+        spec = _spec(args, size)
+        s, items = score_split(model, spec, mode, need_items=need_items)
+        return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
+    real, fake = real or args.real, fake or args.fake
+    s, items, skipped = score_folders(model, real, fake, image_size=size, mode=mode, device=args.device,
+                                      batch_size=args.batch_size, num_workers=args.workers)
+    return s, items, skipped, {"real": list(real), "fake": list(fake)}
+
+
+def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
+    """--set: every set (and --data) under every scoring mode asked for: one table, one PNG."""
+    from pipeline.scoring import report as cross
+    from pipeline.scoring.modes import SCORING
+
+    size = int(meta["image_size"])
+    sets = ([(f"{Path(str(args.data)).name}:{args.split}", None, None)] if args.data else []) + list(args.set)
+    rows = []
+    for mode in [args.scoring] if args.scoring else list(SCORING):
+        for name, real, fake in sets:
+            s, _, skipped, _ = _score(args, model, size, mode, real, fake)
+            check_finite(s.scores, s.ids, meta["path"])
+            rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
+    cross.log_rows(rows)
+    report = {"checkpoint": meta["path"], "model": meta["model"], "image_size": size,
+              "preprocess": meta.get("preprocess"), "threshold": args.threshold, "sets": rows}
+    names = _write(args, [
+        ("cross_source.png", lambda path: cross.plot(rows, path, title=f"{meta['model']}: ROC AUC per set")),
+        ("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report)))),
+    ])
+    logger.info("wrote %s into %s", ", ".join(names), shown(args.out))
+    return 0
+
+
+def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source: dict, mode: str) -> dict:
+    m = quiet_metrics(s.labels, s.scores, args.threshold)
+    for k in skipped:
+        k["path_bytes_hex"] = path_hex(k["path"]) or None
+    report = {
+        "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
+        "epoch": meta.get("epoch"), "preprocess": meta.get("preprocess"), "scoring": mode,
+        "inputs": source, "threshold": args.threshold, "metrics": m,
+        "n_skipped": len(skipped), "skipped": skipped,
+    }
+    if args.data is None and len(set(s.groups)) > 2:
+        report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
+    return report
+
+
+def _write(args: argparse.Namespace, files) -> List[str]:
+    """``(name, write(path))`` pairs into --out together (metrics.json last) or none of them (`OutputSet`)."""
+    with OutputSet(args.out, last="metrics.json", stale=OUTPUTS) as outputs:
+        for name, write in files:
+            with writing(outputs.final(name)):
+                write(outputs.path(name))
+        return outputs.commit()
+
+
+def _outputs(args: argparse.Namespace, meta: dict, s, report: dict, rob: Optional[dict], mode: str) -> list:
+    files = [
+        ("scores.csv", lambda path: write_scores_csv(path, s)),
+        ("roc.png", lambda path: plot_roc({"all": (s.labels, s.scores)}, path, title=f"ROC: {meta['model']}")),
+        ("scores.png", lambda path: plot_score_hist(s.labels, s.scores, path, threshold=args.threshold,
+                                                    title="P(fake) by class")),
+    ]
+    if rob is not None:
+        files += [("robustness.json", lambda path: atomic_write_json(path, showable(to_jsonable(rob)))),
+                  ("robustness.png", lambda path: plot_robustness(rob, path, title=f"Robustness: {meta['model']} ({mode})"))]
+    return files + [("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report))))]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -113,54 +243,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    out = Path(args.out)
     try:
+        check_output_dir("--out", args.out)
+        check_apart("--out", args.out, _inputs(args))
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        size = int(meta["image_size"])
-        common = dict(image_size=size, device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-        if args.data is not None:
-            spec = LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
-                              batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                              storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir,
-                              decode=args.decode)
-            s, items = score_shards(model, spec, need_items=args.robustness)
-            skipped: List[dict] = []
-            source = {"data": str(args.data), "split": args.split, "backend": spec.backend}
-        else:
-            s, items, skipped = score_folders(model, args.real, args.fake, **common)
-            source = {"real": list(args.real), "fake": list(args.fake)}
-    except (CheckpointError, DataError, InputError, FileNotFoundError, ValueError) as e:
-        logger.error("evaluate: %s", e)
+        if args.set:
+            return _cross_source(args, model, meta)
+        size, mode = int(meta["image_size"]), scoring_mode(args, meta)
+        s, items, skipped, source = _score(args, model, size, mode, need_items=args.robustness)
+        check_finite(s.scores, s.ids, meta["path"])
+    except (CheckpointError, DataError, InputError, OutputError, FileNotFoundError, ValueError) as e:
+        logger.error("evaluate: %s", shown(e))
         return 2
     for k in skipped:
-        logger.warning("skipped %s: %s %s", k["path"], k["reason"], k["detail"])
+        logger.warning("skipped %s: %s %s", shown(k["path"]), k["reason"], shown(k["detail"]))
     missing = [name for name, c in (("real", 0), ("fake", 1)) if not (s.labels == c).any()]
     if missing:
-        logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes",
-                     " and ".join(missing), len(skipped))
+        logger.error("evaluate: no readable %s images to score (%d skipped): AUC/EER need both classes; nothing "
+                     "written", " and ".join(missing), len(skipped))
         return 2
-    m = quiet_metrics(s.labels, s.scores, args.threshold)
-    report = {
-        "checkpoint": meta["path"], "model": meta["model"], "image_size": size, "epoch": meta.get("epoch"),
-        "inputs": source, "threshold": args.threshold, "metrics": m,
-        "n_skipped": len(skipped), "skipped": skipped,
-    }
-    if args.data is None and len(set(s.groups)) > 2:
-        report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", to_jsonable(report))
-    write_scores_csv(out / "scores.csv", s)
-    plot_roc({"all": (s.labels, s.scores)}, out / "roc.png", title=f"ROC: {meta['model']}")
-    plot_score_hist(s.labels, s.scores, out / "scores.png", threshold=args.threshold, title="P(fake) by class")
+    report = _report(args, meta, s, skipped, source, mode)
     log_table(report)
+    rob = None
     if args.robustness:
-        from pipeline.scoring.robustness import plot_robustness, run_sweep
-
-        clean = (s.labels, s.scores) if args.data is None else None
-        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, **common)
-        atomic_write_json(out / "robustness.json", to_jsonable(rob))
-        plot_robustness(rob, out / "robustness.png", title=f"Robustness: {meta['model']}")
-    logger.info("wrote %s", ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+        clean = (s.labels, s.scores) if args.data is None or mode in ("full", "tiles") else None
+        rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=size, mode=mode,
+                        device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+    try:
+        names = _write(args, _outputs(args, meta, s, report, rob, mode))
+    except OutputError as e:
+        logger.error("evaluate: %s; nothing written", e)
+        return 2
+    logger.info("wrote %s into %s", ", ".join(names), shown(args.out))
     return 0
 
 

@@ -18,7 +18,9 @@ not require; the TorchScript one needs only ``onnx`` and handles this plain CNN 
 Check: a seeded random batch (3 images with ``--dynamic-batch``, to exercise the dynamic axis;
 otherwise ``--batch-size``) goes through PyTorch and onnxruntime (CPU); the max abs difference of
 ``logit`` and ``p_fake`` is logged. Above ``--tolerance`` the exit code is 1 and nothing is written.
-The file is written atomically, only after the check passed.
+The file is written atomically, only after the check passed; an ``--onnx`` that cannot be written
+(a folder, an unwritable place) is refused before the checkpoint is read, a checkpoint whose output
+is NaN/inf is refused, and a failed write is one line naming the file (exit 2).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.data.contract import check_image_size
+from pipeline.scoring.cli import OneLineParser
+from pipeline.scoring.outputs import OutputError, check_output_file, shown, writing
 from shard_tools.fsutil import atomic_write_bytes
 
 logger = logging.getLogger("pipeline.export")
@@ -62,7 +67,7 @@ class ExportHead(nn.Module):
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Export a checkpoint to ONNX (outputs: logit and p_fake) and verify it with onnxruntime.",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -81,10 +86,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from model import MIN_IMAGE_SIZE
-
-    if args.image_size is not None and args.image_size < MIN_IMAGE_SIZE:
-        p.error(f"--image-size {args.image_size}: must be >= {MIN_IMAGE_SIZE} (the model's smallest input)")
+    if args.image_size is not None:
+        try:
+            check_image_size(args.image_size)
+        except ValueError as e:
+            p.error(str(e))
     if args.batch_size < 1:
         p.error(f"--batch-size {args.batch_size}: must be >= 1")
     if not 7 <= args.opset <= 20:
@@ -130,6 +136,15 @@ def compare_onnx(onnx_bytes: bytes, model: nn.Module, batch: torch.Tensor) -> Di
     return {name: float(np.abs(g - w.numpy()).max()) for name, g, w in zip(OUTPUTS, got, want)}
 
 
+def _metadata(meta: dict, size: int) -> Dict[str, str]:
+    return {
+        "model": meta["model"], "image_size": str(size), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
+        "checkpoint": shown(Path(meta["path"]).name),
+        "input": f"{INPUT}: float32 [N,3,{size},{size}] RGB, (x/255 - mean)/std",
+        "outputs": "logit: [N] raw model output; p_fake: [N] sigmoid(logit) = P(fake)",
+    }
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = get_args_parser()
@@ -142,33 +157,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("export: %s is not installed: pip install onnx onnxruntime (or the 'export' extra)", e.name)
         return 2
     try:
+        check_output_file("--onnx", args.onnx, "file name ending in .onnx")
         model, meta = load_checkpoint(args.checkpoint, device="cpu")
-    except CheckpointError as e:
-        logger.error("export: %s", e)
+    except (CheckpointError, OutputError) as e:
+        logger.error("export: %s", shown(e))
         return 2
     size = args.image_size or int(meta["image_size"])
     if size != int(meta["image_size"]):
         logger.warning("exporting at %d px; the checkpoint was trained at %s px", size, meta["image_size"])
-    metadata = {
-        "model": meta["model"], "image_size": str(size), "mean": json.dumps(meta["mean"]), "std": json.dumps(meta["std"]),
-        "checkpoint": Path(meta["path"]).name,
-        "input": f"{INPUT}: float32 [N,3,{size},{size}] RGB, (x/255 - mean)/std",
-        "outputs": "logit: [N] raw model output; p_fake: [N] sigmoid(logit) = P(fake)",
-    }
-    data = export_onnx(model, image_size=size, dynamic_batch=args.dynamic_batch, batch_size=args.batch_size,
-                       opset=args.opset, metadata=metadata)
     n = 3 if args.dynamic_batch else args.batch_size
     batch = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    with torch.inference_mode():
+        finite = bool(torch.isfinite(model(batch)).all())
+    if not finite:
+        logger.error("export: %s: the model's output is NaN or infinite on the check batch: its weights overflow; "
+                     "nothing written", shown(meta["path"]))
+        return 2
+    data = export_onnx(model, image_size=size, dynamic_batch=args.dynamic_batch, batch_size=args.batch_size,
+                       opset=args.opset, metadata=_metadata(meta, size))
     diffs = compare_onnx(data, model, batch)
     logger.info("onnxruntime vs PyTorch on a random batch of %d: max abs diff logit %.3g, p_fake %.3g (tolerance %g)",
                 n, diffs["logit"], diffs["p_fake"], args.tolerance)
     worst = max(diffs.values())
     if not worst <= args.tolerance:
         logger.error("export: ONNX output differs from PyTorch by %.3g > --tolerance %g; %s not written",
-                     worst, args.tolerance, args.onnx)
+                     worst, args.tolerance, shown(args.onnx))
         return 1
-    atomic_write_bytes(args.onnx, data)
-    logger.info("wrote %s (%.1f MB, opset %d, input %s [%s,3,%d,%d], outputs %s)", args.onnx, len(data) / 2**20,
+    try:
+        with writing(args.onnx):
+            atomic_write_bytes(args.onnx, data)
+    except OutputError as e:
+        logger.error("export: %s", e)
+        return 2
+    logger.info("wrote %s (%.1f MB, opset %d, input %s [%s,3,%d,%d], outputs %s)", shown(args.onnx), len(data) / 2**20,
                 args.opset, INPUT, "batch" if args.dynamic_batch else args.batch_size, size, size, ", ".join(OUTPUTS))
     return 0
 

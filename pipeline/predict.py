@@ -8,11 +8,16 @@ content decides the format, not the extension. Each image is read with the packe
 preprocessed exactly as the loaders' eval path (`pipeline.data.folders`). Rows: ``path``, ``p_fake``
 (sigmoid of the model's logit), ``label`` (``fake`` when ``p_fake >= --threshold``, else ``real``),
 ``error`` (empty, or ``reason: detail`` for a file that could not be read; then ``p_fake`` and
-``label`` are empty). ``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold",
-"n", "n_errors", "predictions": [rows]}`` with ``p_fake``/``label`` null on errors.
+``label`` are empty), ``path_bytes_hex`` (empty, or the exact bytes of a path that is not valid UTF-8
+or holds control characters: ``path`` then shows it escaped, see `pipeline.scoring.outputs`).
+``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold", "n", "n_errors",
+"predictions": [rows]}`` with ``p_fake``/``label``/``path_bytes_hex`` null where not applicable.
+Everything written (file or stdout) is UTF-8; the file is written atomically, and an ``--out`` that
+cannot be written (a folder, an unwritable place) is refused before any work.
 
 Exit code: 0 when at least one image was scored, 1 when none could be (the rows are still written),
-2 for a bad checkpoint, a missing path or a bad flag.
+2 for a bad checkpoint (also one whose output is NaN/inf), a missing path, a bad flag or an output
+that cannot be written (one error line; nothing written).
 """
 from __future__ import annotations
 
@@ -34,16 +39,21 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
-from pipeline.scoring.cli import check_inference_args, default_device
-from pipeline.scoring.score import score_items
+from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
+                                  stdout_bytes)
+from pipeline.scoring.modes import score_items
+from pipeline.scoring.outputs import (OutputError, check_apart, check_output_file, path_hex, showable, shown,
+                                      writing)
+from pipeline.scoring.score import check_finite
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
+from shard_tools.inputs import InputError
 
 logger = logging.getLogger("pipeline.predict")
-FIELDS = ("path", "p_fake", "label", "error")
+FIELDS = ("path", "p_fake", "label", "error", "path_bytes_hex")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Predict P(fake) for image files and folders (recursive) with a trained checkpoint.",
         add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,6 +65,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which the label is 'fake'")
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
+    add_scoring_arg(g)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="write rows to this .csv or .json file (default: CSV on stdout)")
     return p
@@ -67,15 +78,23 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def predict(
-    model: torch.nn.Module, paths: List[str], *, image_size: int, threshold: float = 0.5,
+    model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
+    checkpoint: str = "the checkpoint",
 ) -> List[dict]:
-    """One row per file under ``paths``: ``{"path", "p_fake", "label", "error"}`` (None where not applicable)."""
+    """One row per file under ``paths``: ``{"path", "p_fake", "label", "error"}`` (None where not applicable).
+
+    Raises `CheckpointError` (naming ``checkpoint``) when the model's output is NaN or infinite for a
+    file that was read: that is the weights' fault, not the file's.
+    """
     items, skips = collect(paths)
     if skips:
-        logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), skips[0]["path"], skips[0]["reason"])
-    scores, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
+        logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), shown(skips[0]["path"]),
+                    skips[0]["reason"])
+    scores, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, desc="predict")
+    read = [i for i in range(len(items)) if i not in errors]
+    check_finite(scores[read], [items[i].path for i in read], checkpoint)
     rows = []
     for i, item in enumerate(items):
         if i in errors:
@@ -87,12 +106,35 @@ def predict(
 
 
 def rows_to_csv(rows: List[dict]) -> str:
+    """The CSV text of ``rows``: ``path,p_fake,label,error,path_bytes_hex`` (valid UTF-8 whatever the path)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(FIELDS)
     for r in rows:
-        w.writerow([r["path"], "" if r["p_fake"] is None else f"{r['p_fake']:.6f}", r["label"] or "", r["error"] or ""])
+        w.writerow([shown(r["path"]), "" if r["p_fake"] is None else f"{r['p_fake']:.6f}", r["label"] or "",
+                    shown(r["error"] or ""), path_hex(r["path"])])
     return buf.getvalue()
+
+
+def rows_to_json(rows: List[dict], meta: dict, threshold: float) -> dict:
+    """The ``--out *.json`` document; ``path_bytes_hex`` is null unless the path needed escaping."""
+    n_err = sum(r["error"] is not None for r in rows)
+    return showable({
+        "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
+        "scoring": meta.get("scoring"), "threshold": threshold, "n": len(rows), "n_errors": n_err,
+        "predictions": [{**r, "path_bytes_hex": path_hex(r["path"]) or None} for r in rows],
+    })
+
+
+def _write(out: Optional[str], rows: List[dict], meta: dict, threshold: float) -> None:
+    if out is None:
+        stdout_bytes(rows_to_csv(rows))
+        return
+    with writing(out):
+        if Path(out).suffix.lower() == ".json":
+            atomic_write_json(out, rows_to_json(rows, meta, threshold))
+        else:
+            atomic_write_text(out, rows_to_csv(rows))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -101,29 +143,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     try:
+        if args.out is not None:
+            check_output_file("--out", args.out, "file name ending in .csv or .json")
+            check_apart("--out", args.out, [("PATH", p) for p in args.paths])
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
-        rows = predict(model, args.paths, image_size=int(meta["image_size"]), threshold=args.threshold,
-                       device=args.device, batch_size=args.batch_size, num_workers=args.workers)
-    except (CheckpointError, FileNotFoundError) as e:
-        logger.error("predict: %s", e)
+        mode = scoring_mode(args, meta)
+        rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
+                       device=args.device, batch_size=args.batch_size, num_workers=args.workers,
+                       checkpoint=meta["path"])
+        n_err = sum(r["error"] is not None for r in rows)
+        for r in rows:
+            if r["error"] is not None:
+                logger.warning("could not read %s: %s", shown(r["path"]), shown(r["error"]))
+        _write(args.out, rows, {**meta, "scoring": mode}, args.threshold)
+    except (CheckpointError, InputError, OutputError, FileNotFoundError) as e:
+        logger.error("predict: %s", shown(e))
         return 2
-    n_err = sum(r["error"] is not None for r in rows)
-    for r in rows:
-        if r["error"] is not None:
-            logger.warning("could not read %s: %s", r["path"], r["error"])
-    if args.out is None:
-        sys.stdout.write(rows_to_csv(rows))
-        sys.stdout.flush()
-    elif Path(args.out).suffix.lower() == ".json":
-        atomic_write_json(args.out, {
-            "checkpoint": meta["path"], "model": meta["model"], "image_size": int(meta["image_size"]),
-            "threshold": args.threshold, "n": len(rows), "n_errors": n_err, "predictions": rows,
-        })
-    else:
-        atomic_write_text(args.out, rows_to_csv(rows))
     n_fake = sum(r["label"] == "fake" for r in rows)
     logger.info("predicted %d images: %d fake, %d real, %d unreadable%s", len(rows), n_fake,
-                len(rows) - n_fake - n_err, n_err, f" -> {args.out}" if args.out else "")
+                len(rows) - n_fake - n_err, n_err, f" -> {shown(args.out)}" if args.out else "")
     return 0 if len(rows) > n_err else 1
 
 

@@ -32,10 +32,12 @@ import argparse
 import logging
 from typing import List, Optional
 
-from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
-from pipeline.augment.config import PRESETS
+from model import INPUT_FILTERS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
+from pipeline.augment.config import PREPROCESS, PRESETS
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES
-from pipeline.training.config import LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, TrainConfig
+from pipeline.scoring.cli import OneLineParser
+from pipeline.scoring.outputs import shown
+from pipeline.training.config import FAKES, LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +68,32 @@ def _add_data_args(p: argparse.ArgumentParser, d) -> None:
                    help="torch backend: decode the JPEGs in the workers (cpu) or with nvJPEG on the GPU (gpu: workers only "
                         "read and batch the bytes); auto = gpu on CUDA, cpu otherwise")
     g.add_argument("--workers", type=int, default=d["workers"].default, help="loader worker processes per rank (torch backend) / DALI threads")
-    g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
-                   help="training augmentation preset (pipeline.augment.config.AugConfig): none, seed (the original's), robust (+blur, JPEG)")
     g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px ({MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE})")
+
+
+def _add_aug_args(p: argparse.ArgumentParser, d) -> None:
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--aug", default=d["aug"].default, choices=PRESETS,
+                   help="training augmentation preset (pipeline.augment.config.AugConfig): none; seed (the original's: "
+                        "flips, rotation, shear, brightness on half the samples); robust (seed + blur and JPEG, p=0.5); "
+                        "artifact (native crops, flips, random down-scaling of both classes, blur/JPEG at p=0.1)")
+    g.add_argument("--preprocess", default=None, choices=PREPROCESS,
+                   help="how images reach --image-size: resize (the whole image, antialiased) or crop (native "
+                        "resolution: random crops at even offsets in training, the centre crop in validation; images "
+                        "smaller than the crop are padded by reflection, never up-sampled); default: the preset's "
+                        "(crop for artifact, resize otherwise). Saved in the checkpoint for evaluate/predict")
+    g.add_argument("--self-blend", type=float, default=d["self_blend"].default, metavar="P",
+                   help="probability that a real training sample is replaced by a self-blended pseudo-fake of itself "
+                        "(Shiohara & Yamasaki 2022) and labelled fake; fakes are never blended; validation always "
+                        "scores the split's true fakes (torch backend)")
+    g.add_argument("--fakes", default=d["fakes"].default, choices=FAKES,
+                   help="all: train on the split's fakes too; sbi-only: leave them out and learn from reals and "
+                        "their pseudo-fakes alone (needs --self-blend)")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     d = TrainConfig.__dataclass_fields__
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="deepfake-train", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a DeepfakeNet real/fake detector on deepfake-pack shards (single process, or many "
                     "under `accelerate launch`). Defaults: AdamW, lr 1e-3 for a global batch of 64, cosine "
@@ -83,8 +103,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                "(`accelerate launch --cpu` alone starts one process).",
     )
     _add_data_args(p, d)
+    _add_aug_args(p, d)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d["model"].default, help=f"model variant (model.create_model): {', '.join(list_models())}")
+    g.add_argument("--input-filter", default=None, choices=INPUT_FILTERS,
+                   help="none: the image as it is; npr: the NPR residual x - up(down(x)) (Tan et al. 2024), applied "
+                        "inside the model (so evaluate, predict and ONNX get it too); default: the variant's own "
+                        "(npr for deepfakenet_npr*)")
     g = p.add_argument_group("optim")
     g.add_argument("--epochs", type=int, default=d["epochs"].default, help="training epochs")
     g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="batch size per process")
@@ -133,7 +158,7 @@ def main(argv: Optional[List[str]] = None, *, on_step=None) -> int:
     try:
         cfg = TrainConfig.from_args(args)
     except ValueError as e:
-        logger.error("error: %s", e)
+        logger.error("error: %s", shown(e))
         return 2
     from pipeline.training.loop import run
 

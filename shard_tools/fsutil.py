@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -84,3 +85,17 @@ def atomic_savefig(fig, path: Union[str, Path], **kwargs) -> None:
     kwargs.setdefault("format", path.suffix.lstrip(".") or "png")
     with atomic_open(path, "wb") as f:
         fig.savefig(f, **kwargs)
+
+
+def sha256_stream(f: IO[bytes]) -> str:
+    """Hex SHA-256 of everything left to read in ``f``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Hex SHA-256 of the file at ``path``."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)

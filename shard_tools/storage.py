@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import IO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
+from shard_tools.fsutil import sha256_file
 from shard_tools.format import MANIFEST
 
 logger = logging.getLogger(__name__)
@@ -295,13 +295,6 @@ def upload_folder(local_dir: PathLike, url: PathLike, files: Iterable[str], *, w
     logger.info("uploaded %d files (%.1f MB) to %s, %s last", len(names), total / 1e6, url, ", ".join(final) or "none")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def download_verified(url: PathLike, dest_dir: PathLike, *, size: Optional[int] = None, sha256: Optional[str] = None,
                       name: Optional[str] = None, storage_options: Optional[dict] = None) -> Path:
@@ -327,7 +320,7 @@ def download_verified(url: PathLike, dest_dir: PathLike, *, size: Optional[int] 
         if size is not None and got != size:
             raise StorageError(url, "short" if got < size else "mismatch",
                                f"{got} bytes, expected {size} (object truncated, replaced or corrupt)")
-        if sha256 is not None and _sha256_file(tmp) != sha256:
+        if sha256 is not None and sha256_file(tmp) != sha256:
             raise StorageError(url, "mismatch", "sha256 differs from the manifest (object changed or corrupt)")
         os.replace(tmp, final)
     except BaseException:

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
+from shard_tools.fsutil import sha256_file
 from shard_tools.format import CLASS_NAMES, IMAGE_EXTS
 from shard_tools.imageio import BadImage, inspect_bytes
 
@@ -166,13 +167,6 @@ def check_index(idx: Path, tar_path: Path, num_samples) -> List[str]:
     return []
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def verify_shard(root: Path, entry: dict, split: str, seen: Dict[str, str], bar) -> Tuple[int, Counter, List[str]]:
     """(samples read, classes, problems) of one manifest shard entry; ``seen`` maps keys to where they were met."""
@@ -182,7 +176,7 @@ def verify_shard(root: Path, entry: dict, split: str, seen: Dict[str, str], bar)
     problems = []
     if tar_path.stat().st_size != entry.get("bytes"):
         problems.append(f"{tar_path}: {tar_path.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-    if _sha256_file(tar_path) != entry.get("sha256"):
+    if sha256_file(tar_path) != entry.get("sha256"):
         problems.append(f"{tar_path}: sha256 differs from the manifest (shard changed or corrupt)")
     idx = root / entry.get("index", tar_path.with_suffix(".idx").name)
     if not idx.is_file():

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import make_face, make_image_dirs, write_image
+from helpers import make_face, make_image_dirs, write_image
 from PIL import Image, ImageOps
 
 from shard_tools.imageio import BadImage, inspect_bytes, load_rgb, normalized_bytes

@@ -7,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import make_face
 
 from pipeline.augment import uint8_ops
 from pipeline.augment.batch_ops import apply_params, normalize, resize_uint8
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
-from tests.conftest import make_face
 
 
 def faces_hwc(n: int, size: int = 40, seed: int = 0) -> list:

@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import help_text, make_face, make_image_dirs, write_image
+from helpers import help_text, make_face, make_image_dirs, write_image
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, roc_auc_score
 
 from pipeline import evaluate
 from pipeline.augment.degrade import SWEEP, Degradation, default_sweep
 from pipeline.checkpoint import save_checkpoint
-from pipeline.data.folders import ImageItems, Item
+from pipeline.data.folders import Item
+from pipeline.scoring.modes import ModeItems
 from pipeline.scoring.score import Scores, per_group
 
 
@@ -210,8 +211,8 @@ def test_degradations_change_the_image_not_its_shape():
 def test_degradation_is_applied_before_the_resize(tmp_path):
     path = write_image(tmp_path / "x.png", make_face(np.random.default_rng(1), size=64, fake=True))
     items = [Item(str(path), 1)]
-    clean = ImageItems(items, 32)[0][1]
-    blurred = ImageItems(items, 32, degrade=Degradation("blur", 3.0))[0][1]
+    clean = ModeItems(items, 32, "resize")[0][1][0]
+    blurred = ModeItems(items, 32, "resize", degrade=Degradation("blur", 3.0))[0][1][0]
     assert clean.shape == blurred.shape == (3, 32, 32)
     assert not torch.equal(clean, blurred)
 

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import help_text, make_face
+from helpers import help_text, make_face
 
 from model import create_model
 from pipeline import export

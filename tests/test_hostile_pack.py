@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
-from conftest import make_image_dirs
+from helpers import make_image_dirs
 
 from shard_tools.inspect import main as inspect_main
 from shard_tools.pack import main as pack_main

@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "model", "shard_tools")
-ENTRY_POINTS = {f"pipeline.{n}" for n in ("train", "evaluate", "predict", "export", "bench", "demo")} | {
+ENTRY_POINTS = {f"pipeline.{n}" for n in ("train", "evaluate", "predict", "export", "bench", "demo", "sbi_sheet")} | {
     "shard_tools.pack", "shard_tools.inspect"}
 # Layer of each module prefix (longest prefix wins); a module may import only its own layer or lower.
 LAYERS = {

@@ -239,15 +239,45 @@ def test_shard_truncated_after_build_named(packed_copy):
         run(loader)
 
 
-def test_undecodable_sample_clear_error(packed_copy):
+def test_undecodable_sample_refused_before_dali_reads_it(packed_copy):
+    """DALI's CPU decoder crashes the process (SIGSEGV) on a bad sample in a large batch: the loader
+    checks every sample when it is built, so DALI never sees one."""
     data = packed_copy
     tar = data / "val-000000.tar"
     raw = bytearray(tar.read_bytes())
     start = raw.index(b"\xff\xd8\xff")  # first JPEG in the shard: keep its size, wreck its contents
     raw[start + 2:start + 600] = bytes(598)
     tar.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"val-000000\.tar.*DALI cannot read.*--verify"):
-        run(load(data, "val"))
+    with pytest.raises(DataError, match=r"val-000000\.tar: [0-9a-f]{32}\.jpg: the image bytes do not match.*--verify"):
+        load(data, "val", batch_size=64)
+
+
+def test_swapped_index_refused(packed_copy):
+    data = packed_copy
+    a, b = data / "val-000000.idx", data / "val-000001.idx"
+    text_a, text_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(text_b)
+    b.write_bytes(text_a)
+    with pytest.raises(DataError, match=r"val-000000\.idx: \d+ of \d+ sample lines do not match the members of "
+                                        r"val-000000\.tar.*wds2idx"):
+        load(data, "val", batch_size=64)
+
+
+def test_unverifiable_image_must_decode(packed_copy, monkeypatch):
+    """An image no SHA-256 vouches for (normalised PNG, or a foreign shard without json) is decoded."""
+    from pipeline.data import dali_backend
+
+    data = packed_copy
+    monkeypatch.setattr(dali_backend, "_hash_checked", lambda sample: False)
+    load(data, "val")  # every packed image decodes
+    tar = data / "val-000001.tar"
+    raw = bytearray(tar.read_bytes())
+    start = raw.index(b"\xff\xd8\xff")
+    raw[start:start + 600] = bytes(600)
+    tar.write_bytes(bytes(raw))
+    monkeypatch.setattr("pipeline.data.dali_backend.check_sample", lambda sample, hint: ("jpg", 0))
+    with pytest.raises(DataError, match=r"val-000001\.tar: sample [0-9a-f]{32}\.jpg does not decode"):
+        load(data, "val")
 
 
 def test_missing_index_named(packed_copy):

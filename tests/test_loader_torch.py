@@ -11,6 +11,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
+from helpers import make_face, make_image_dirs, pack_dirs, write_image
 
 from pipeline.augment.batch_ops import normalize, resize_uint8
 from pipeline.augment.config import MEAN, STD, AugConfig
@@ -18,7 +19,6 @@ from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError
 from pipeline.data.torch_backend import TorchLoader
-from tests.conftest import make_face, make_image_dirs, pack_dirs, write_image
 
 SIZE = 32
 LOW = min((0 - m) / s for m, s in zip(MEAN, STD))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
-from conftest import make_face, make_image_dirs, pack_dirs, write_image
+from helpers import make_face, make_image_dirs, pack_dirs, write_image
 from PIL import Image
 
 from shard_tools.pack import main as pack_main

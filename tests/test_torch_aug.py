@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import make_face
 from torchvision.transforms.v2 import functional as TF
 
 from pipeline.augment.batch_ops import (
@@ -21,7 +22,6 @@ from pipeline.augment.batch_ops import (
 )
 from pipeline.augment.config import MEAN, STD, AugConfig
 from pipeline.augment.params import draw_params, inverse_affine
-from tests.conftest import make_face
 
 
 def augment_batch(images: torch.Tensor, cfg: AugConfig, image_size: int, generator: torch.Generator) -> torch.Tensor:

@@ -1,9 +1,20 @@
 """One augmentation spec for every backend.
 
-`AugConfig` says *what* to draw per sample; `pipeline.augment.params` (torchvision backend, on the batch,
-on the device) and `pipeline.data.dali_backend` (DALI ops) say *how*. Geometric ops (flips, rotation,
-shear, scale and the resize to ``image_size``) are composed into one affine warp per sample.
-Every random parameter is drawn per sample, never once per batch.
+`AugConfig` says *what* to draw per sample; `pipeline.augment.params` draws it, and
+`pipeline.augment.uint8_ops` (CPU workers), `pipeline.augment.batch_ops` (GPU batches) and
+`pipeline.data.dali_graph` (DALI ops) say *how*. Every random parameter is drawn per sample, never once
+per batch.
+
+Two ways to bring an image to ``image_size`` (``preprocess``):
+
+* ``resize``: the whole image, resized (antialiased) to a square; flips, rotation, shear and scale are
+  then one affine warp per sample. The original project's recipe.
+* ``crop``: native resolution kept. Training takes a random ``image_size`` crop (offsets even, so the
+  2x2 grid of an up-sampling trace stays aligned), optionally after a random down-scaling of the
+  whole image (``downscale_prob``: factor from ``downscale``, one of four interpolations, both
+  classes alike: resampling must not be the class); evaluation takes the centre crop. Images
+  smaller than the crop are padded (reflect), never up-sampled. No resampling at all when no
+  down-scaling, rotation, shear or zoom is drawn.
 """
 from __future__ import annotations
 
@@ -16,7 +27,8 @@ MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-PRESETS = ("none", "seed", "robust")
+PRESETS = ("none", "seed", "robust", "artifact")
+PREPROCESS = ("resize", "crop")
 
 
 def _check_range(name: str, rng: Tuple[float, float], lo: float, hi: float) -> None:
@@ -48,6 +60,11 @@ class AugConfig:
         blur_sigma: blur sigma in pixels of the output image, drawn uniformly from the range.
         jpeg_prob: probability of JPEG re-compression.
         jpeg_quality: JPEG quality, drawn uniformly (integer) from the range.
+        preprocess: ``resize`` or ``crop`` (see the module docstring).
+        downscale_prob: probability of down-scaling the whole image first (``crop`` only).
+        downscale: the down-scaling factor, drawn uniformly from the range (1.0 = none).
+        self_blend: probability that a *real* training sample is replaced by a self-blended
+            pseudo-fake of itself and labelled fake (`pipeline.augment.self_blend`); fakes never are.
     """
 
     apply_prob: float = 1.0
@@ -62,9 +79,18 @@ class AugConfig:
     blur_sigma: Tuple[float, float] = (0.1, 3.0)
     jpeg_prob: float = 0.0
     jpeg_quality: Tuple[int, int] = (30, 100)
+    preprocess: str = "resize"
+    downscale_prob: float = 0.0
+    downscale: Tuple[float, float] = (0.5, 1.0)
+    self_blend: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("apply_prob", "hflip", "vflip", "blur_prob", "jpeg_prob"):
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"--preprocess {self.preprocess!r}: choose one of {', '.join(PREPROCESS)}")
+        if self.downscale_prob > 0 and self.preprocess != "crop":
+            raise ValueError("AugConfig.downscale_prob needs preprocess='crop' (a resize already resamples)")
+        _check_range("downscale", self.downscale, 0.1, 1.0)
+        for name in ("apply_prob", "hflip", "vflip", "blur_prob", "jpeg_prob", "downscale_prob", "self_blend"):
             _check_prob(name, getattr(self, name))
         if not 0.0 <= self.rotate <= 180.0:
             raise ValueError(f"AugConfig.rotate={self.rotate!r}: expected degrees in [0, 180]")
@@ -77,8 +103,12 @@ class AugConfig:
 
     @property
     def is_identity(self) -> bool:
-        """True when the config does nothing but the resize (the eval path)."""
-        return self == AugConfig.preset("none")
+        """True when the config does nothing but bring images to size (the eval path)."""
+        return self == AugConfig.preset("none", preprocess=self.preprocess)
+
+    def for_eval(self) -> "AugConfig":
+        """The evaluation config that goes with this training config: same ``preprocess``, nothing random."""
+        return AugConfig.preset("none", preprocess=self.preprocess)
 
     @property
     def geometric(self) -> bool:
@@ -96,6 +126,10 @@ class AugConfig:
         vertical flips, rotation +-30 deg, shear 0.75-1.25 deg on both axes, brightness 0.75-1.25,
         applied to half the samples. ``robust``: ``seed`` plus Gaussian blur (p=0.5, sigma 0.1-3)
         and JPEG re-compression (p=0.5, quality 30-100), as in CNNDetection (Wang et al. 2020).
+        ``artifact``: native-resolution crops (``preprocess='crop'``), horizontal flips, random
+        down-scaling of half the images of both classes (factor 0.5-1, random interpolation), blur
+        and JPEG re-compression at CNNDetection's p=0.1; no rotation or shear (they resample every
+        pixel) and no brightness change.
         """
         if name == "none":
             base = cls()
@@ -106,6 +140,9 @@ class AugConfig:
             )
             if name == "robust":
                 base = dataclasses.replace(base, blur_prob=0.5, jpeg_prob=0.5)
+        elif name == "artifact":
+            base = cls(preprocess="crop", hflip=0.5, downscale_prob=0.5, downscale=(0.5, 1.0),
+                       blur_prob=0.1, blur_sigma=(0.1, 3.0), jpeg_prob=0.1, jpeg_quality=(30, 100))
         else:
             raise ValueError(f"unknown augmentation preset {name!r}: choose one of {', '.join(PRESETS)}")
         return dataclasses.replace(base, **overrides) if overrides else base

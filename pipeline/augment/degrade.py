@@ -11,7 +11,7 @@ a shared image is degraded before any detector sees it). Levels:
 * ``blur``: Gaussian blur with sigma 0.5, 1, 2, 3 original-image pixels (kernel 2*ceil(3 sigma)+1,
   reflect padding, as torchvision ``gaussian_blur``; computed with ``scipy.ndimage``).
 
-`run_sweep` scores the same images clean and under every level (`pipeline.scoring.score.score_items`) and
+`run_sweep` scores the same images clean and under every level (`pipeline.scoring.modes.score_items`) and
 returns the ``robustness.json`` report::
 
     {"applied": "...", "threshold": 0.5, "image_size": 224,

@@ -23,6 +23,8 @@ import torch
 
 from pipeline.augment.config import AugConfig
 
+N_INTERPOLATIONS = 4  # area, bilinear, bicubic, Lanczos: see uint8_ops.DOWNSCALE_INTERPOLATIONS
+
 
 @dataclass
 class AugParams:
@@ -44,6 +46,11 @@ class AugParams:
     sigma: torch.Tensor
     jpeg: torch.Tensor
     quality: torch.Tensor
+    down: torch.Tensor  # crop mode: down-scale the whole image first (bool)
+    factor: torch.Tensor  # its factor
+    interp: torch.Tensor  # its interpolation, an index into uint8_ops.DOWNSCALE_INTERPOLATIONS
+    crop_y: torch.Tensor  # crop mode, training: where the crop starts, as a fraction of the free range
+    crop_x: torch.Tensor
 
 
 def params_to_tensor(params: AugParams) -> torch.Tensor:
@@ -55,9 +62,10 @@ def params_to_tensor(params: AugParams) -> torch.Tensor:
 def params_from_tensor(table: torch.Tensor) -> AugParams:
     """Inverse of `params_to_tensor` (flags back to bool, quality to int64)."""
     cols = {f.name: table[:, i] for i, f in enumerate(dataclasses.fields(AugParams))}
-    for name in ("apply", "hflip", "vflip", "blur", "jpeg"):
+    for name in ("apply", "hflip", "vflip", "blur", "jpeg", "down"):
         cols[name] = cols[name] != 0
-    cols["quality"] = cols["quality"].round().long()
+    for name in ("quality", "interp"):
+        cols[name] = cols[name].round().long()
     return AugParams(**cols)
 
 
@@ -84,7 +92,22 @@ def draw_params(n: int, cfg: AugConfig, generator: torch.Generator) -> AugParams
     sigma = _uniform(n, cfg.blur_sigma, generator)
     jpeg = rand() < cfg.jpeg_prob
     quality = torch.randint(int(cfg.jpeg_quality[0]), int(cfg.jpeg_quality[1]) + 1, (n,), generator=generator)
-    return AugParams(apply, hflip, vflip, angle, shear_x, shear_y, scale, brightness, blur, sigma, jpeg, quality)
+    down = rand() < cfg.downscale_prob
+    factor = _uniform(n, cfg.downscale, generator)
+    interp = torch.randint(0, N_INTERPOLATIONS, (n,), generator=generator)
+    crop_y, crop_x = rand(), rand()
+    return AugParams(apply, hflip, vflip, angle, shear_x, shear_y, scale, brightness, blur, sigma, jpeg, quality,
+                     down, factor, interp, crop_y, crop_x)
+
+
+def crop_offset(free: int, fraction: float) -> int:
+    """An even offset in ``[0, free]`` at ``fraction`` (in [0, 1)) of the range; the centre for None.
+
+    Even, so that a crop keeps the 2x2 grid of the full image (NPR's residual, up-sampling traces)."""
+    if free <= 0:
+        return 0
+    slots = free // 2 + 1
+    return 2 * (slots // 2 if fraction is None else min(slots - 1, int(fraction * slots)))
 
 
 def inverse_affine(angle: torch.Tensor, shear_x: torch.Tensor, shear_y: torch.Tensor, scale: torch.Tensor,

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.augment.config import MEAN, STD
+from pipeline.augment.crop import crops_into
 from pipeline.augment.params import AugParams, inverse_affine
 
 # Ignore EXIF orientation, as torchvision's decode_image and DALI's decoders do (the packer stores
@@ -123,26 +124,36 @@ def jpeg_roundtrip_(image: np.ndarray, quality: int) -> None:
     image[...] = cv2.imdecode(encoded, cv2.IMREAD_COLOR_RGB)
 
 
-def process_into(images: list, out: np.ndarray, params: Optional[AugParams]) -> None:
+def process_into(images: list, out: np.ndarray, params: Optional[AugParams], *, crop: bool = False,
+                 finish: bool = True) -> None:
     """Write each decoded uint8 HWC image of ``images``, augmented with ``params``, into ``out[i]``.
 
-    ``out`` is [N, S, S, 3] uint8; ``params`` None means the eval resize only.
+    ``out`` is [N, S, S, 3] uint8. First the image is brought to size: resized, or with ``crop`` cropped
+    at native resolution (`pipeline.augment.crop`, which also applies the drawn down-scaling). Then,
+    with ``finish``, the rest of ``params`` (warp, brightness, blur, JPEG); without it the caller
+    applies them (the GPU path). ``params`` None means the eval preprocessing only.
     """
     size = out.shape[1]
-    resize_into(images, out)
-    if params is None:
+    if crop:
+        crops_into(images, out, params)
+    else:
+        resize_into(images, out)
+    if params is None or not finish:
         return
     apply = params.apply.tolist()
     inv = inverse_affine(params.angle, params.shear_x, params.shear_y, params.scale,
                          params.hflip, params.vflip).numpy()
     identity = np.abs(inv - np.eye(2)).max(axis=(1, 2)) <= 1e-12
     warped = [a and not same for a, same in zip(apply, identity.tolist())]
+    flips = [_flip_code(m) for m in inv]
     matrices = warp_matrices(inv, size)
     brightness = params.brightness.tolist()
     blur, sigma = params.blur.tolist(), params.sigma.tolist()
     jpeg, quality = params.jpeg.tolist(), params.quality.tolist()
     for i, slot in enumerate(out):
-        if warped[i]:
+        if warped[i] and flips[i] is not None:  # a pure flip moves pixels exactly: no resampling
+            cv2.flip(slot, flips[i], dst=slot)
+        elif warped[i]:
             # OpenCV's bilinear warp has a SIMD path for 4 channels only: padding to RGBA and back
             # gives the same bytes in half the time (0.12 ms instead of 0.24 at 224 px).
             rgba = cv2.warpAffine(cv2.cvtColor(slot, cv2.COLOR_RGB2RGBA), matrices[i], (size, size),
@@ -154,6 +165,14 @@ def process_into(images: list, out: np.ndarray, params: Optional[AugParams]) -> 
             gaussian_blur_(slot, sigma[i])
         if jpeg[i]:
             jpeg_roundtrip_(slot, quality[i])
+
+
+def _flip_code(inv: np.ndarray) -> Optional[int]:
+    """cv2.flip's code when the 2x2 map ``inv`` is a flip (1 horizontal, 0 vertical, -1 both), else None."""
+    for code, m in ((1, (-1.0, 1.0)), (0, (1.0, -1.0)), (-1, (-1.0, -1.0))):
+        if np.abs(inv - np.diag(m)).max() <= 1e-12:
+            return code
+    return None
 
 
 def _normalize_table() -> np.ndarray:

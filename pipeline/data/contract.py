@@ -64,6 +64,15 @@ def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
     return "torch"
 
 
+def dali_unsupported(aug: AugConfig) -> Optional[str]:
+    """The flag the DALI backend does not implement for ``aug``, or None (it does everything else)."""
+    if aug.preprocess != "resize":
+        return f"--preprocess {aug.preprocess}"
+    if aug.self_blend > 0:
+        return "--self-blend"
+    return None
+
+
 def derive_seed(*parts) -> int:
     """A stable 31-bit seed from any values such as ``(seed, epoch, rank, "aug")``: the same in every
     process (``hash()`` is not) and valid for DALI, whose seeds are signed 32-bit."""
@@ -94,6 +103,8 @@ class LoaderSpec:
         decode: where the torch backend decodes the JPEGs: ``cpu`` (its workers) or ``gpu`` (nvJPEG in
             the main process, CUDA devices only); ``auto`` is replaced by ``gpu`` on CUDA, else ``cpu``.
             DALI decodes with nvJPEG on CUDA and on the CPU otherwise, whatever this says.
+        fakes: ``all``, or ``sbi-only``: training leaves the split's fakes out (reals and their
+            self-blended pseudo-fakes only; needs ``aug.self_blend`` > 0). Evaluation always reads all.
     """
 
     data: str
@@ -110,6 +121,7 @@ class LoaderSpec:
     num_workers: int = 2
     storage_options: Optional[dict] = None
     cache_dir: Optional[str] = None
+    fakes: str = "all"
     decode: str = "auto"
 
     def __post_init__(self) -> None:
@@ -120,6 +132,8 @@ class LoaderSpec:
         check_image_size(self.image_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.fakes not in ("all", "sbi-only"):
+            raise ValueError(f"--fakes {self.fakes!r}: choose one of all, sbi-only")
         if self.num_workers < 0:
             raise ValueError(f"--workers {self.num_workers}: must be >= 0")
         try:
@@ -138,7 +152,10 @@ class LoaderSpec:
         object.__setattr__(self, "data", str(self.data))
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "aug", aug)
-        object.__setattr__(self, "backend", resolve_backend(self.backend, device))
+        backend = resolve_backend(self.backend, device)
+        if self.backend == "auto" and backend == "dali" and dali_unsupported(aug):
+            backend = "torch"  # auto never picks a backend that cannot do what was asked
+        object.__setattr__(self, "backend", backend)
         if self.decode == "auto":
             object.__setattr__(self, "decode", "gpu" if device.type == "cuda" else "cpu")
 

@@ -12,20 +12,31 @@ order and augmentation. Rebuilding is cheap (no file scan: the ``.idx`` files gi
 Steps: DALI gives rank ``r`` the samples ``[N*r//W, N*(r+1)//W)`` of the split. Train runs
 ``(N//W) // batch_size`` steps on every rank (partial batch dropped); eval pads each rank's part by
 repeating its last sample (``pad_last_batch``) to ``ceil(ceil(N/W) / batch_size)`` full batches.
+
+Bad data never reaches DALI: its CPU decoder takes the whole process down (SIGSEGV in its thread
+pool) when one sample of a batch of more than ``4 * (threads + 1)`` fails to parse, and a stale or
+swapped ``.idx`` makes it read garbage. No Python code can catch that, so the loader checks every
+shard and index when it is built (`check_shards`; it reads the split once, in parallel threads) and
+raises a `DataError` naming the shard and the sample instead. A shard changed *after* that check (while
+a run reads it) can still crash DALI. Each pass drops its pipeline when it ends, also on an error;
+`close` drops the one built ahead for the next pass.
 """
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import re
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.contract import Batch, LoaderSpec, check_split_size, dali_unsupported, derive_seed, rank_share
+from pipeline.data.sample_source import check_sample
 from pipeline.data.shards import DataError, ShardSet, default_cache_dir, localize
+from pipeline.data.tar_reader import TarFormatError, iter_members, iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -49,38 +60,111 @@ def _dali_ops():
     return dali_ops
 
 
-def check_index(shard: str, index: str, expected: Optional[int]) -> None:
-    """Check that ``index`` (a wds2idx file) fits ``shard``: DALI itself crashes on a tar that is
-    shorter than its index says, so a truncated shard is caught here, naming the file."""
+def _index_lines(index: str) -> Tuple[Optional[int], List[List[Tuple[str, int, int]]]]:
+    """The header count and, per sample line, ``(ext, offset, size)`` of each member of a wds2idx
+    index (``ext offset size`` v1.1, ``ext offset size name`` v1.2)."""
     try:
         with open(index, "rb") as f:
-            header = f.readline().split()
-            last = None
-            for line in f:
-                if line.strip():
-                    last = line
+            head, *lines = f.read().split(b"\n")
     except OSError as e:
         raise DataError(f"DALI index {index}: cannot read it ({e.strerror})") from None
-    if len(header) != 2 or not header[0].startswith(b"v1") or not header[1].isdigit():
-        raise DataError(f"DALI index {index}: not a wds2idx index (header {b' '.join(header)[:40]!r})")
-    count = int(header[1])
+    parts = head.split()
+    if len(parts) != 2 or not parts[0].startswith(b"v1") or not parts[1].isdigit():
+        raise DataError(f"DALI index {index}: not a wds2idx index (header {head[:40]!r})")
+    step = 4 if parts[0] == b"v1.2" else 3
+    samples = []
+    for n, line in enumerate(ln for ln in lines if ln.strip()):
+        fields = line.split()
+        try:
+            samples.append([(fields[i].decode().lower(), int(fields[i + 1]), int(fields[i + 2]))
+                            for i in range(0, len(fields), step)])
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise DataError(f"DALI index {index}: line {n + 2} is not 'ext offset size name' groups") from None
+    return int(parts[1]), samples
+
+
+def _tar_lines(shard: str) -> List[List[Tuple[str, int, int]]]:
+    """What the index of ``shard`` must say: per sample, ``(ext, data offset, size)`` of its members."""
+    samples: List[List[Tuple[str, int, int]]] = []
+    last = None
+    for key, ext, offset, size in iter_members(shard):
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append((ext, offset, size))
+    return samples
+
+
+def _check_index(shard: str, index: str, expected: Optional[int], hint: str) -> int:
+    """The sample count of ``index`` after checking it line by line against the tar's members."""
+    count, got = _index_lines(index)
     if expected is not None and count != expected:
-        raise DataError(f"DALI index {index}: {count} samples, the manifest says {expected} for {shard}")
-    if last is None:
-        return
-    fields = last.split()
+        raise DataError(f"DALI index {index}: {count} samples, the manifest says {expected} for {shard}; {hint}")
+    want = _tar_lines(shard)
+    if len(got) != count or len(want) != count:
+        raise DataError(f"DALI index {index}: header says {count} samples, it lists {len(got)} and {Path(shard).name} "
+                        f"holds {len(want)}; rebuild it with wds2idx or re-pack; {hint}")
+    bad = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
+    if bad:
+        raise DataError(f"DALI index {index}: {len(bad)} of {count} sample lines do not match the members of "
+                        f"{Path(shard).name} (line {bad[0] + 2}); it belongs to another tar, or the tar changed: "
+                        f"rebuild it with wds2idx or re-pack; {hint}")
+    return count
+
+
+def _decodes(data: bytes) -> bool:
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return arr is not None and arr.size > 0
+
+
+def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> int:
+    """Check ``shard`` and its ``index`` the way DALI will read them, before DALI opens them.
+
+    DALI cannot be trusted with bad data: its CPU image decoder crashes the whole process (SIGSEGV in
+    its thread pool, after or even before it reports the error) when one sample of a batch fails to
+    parse, and a stale or swapped ``.idx`` makes it read garbage that it then tries to decode. So
+    every index line must match the tar's members, and every sample must be what the packer wrote
+    (`pipeline.data.sample_source.check_sample`: members, label, the SHA-256 of original image
+    bytes); an image that no SHA-256 vouches for (normalised, or a foreign shard without json) must
+    decode. DataError naming the shard and the sample otherwise. Returns the shard's sample count.
+    """
     try:
-        # each component: "ext offset size" (v1.1) or "ext offset size name" (v1.2)
-        step = 4 if header[0] == b"v1.2" else 3
-        end = max(int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields), step))
-    except (ValueError, IndexError):
-        raise DataError(f"DALI index {index}: malformed last line {last[:80]!r}") from None
-    try:
-        size = Path(shard).stat().st_size
+        count = _check_index(shard, index, expected, hint)
+        n = 0
+        for sample in iter_samples(shard):
+            ext, _ = check_sample(sample, hint)
+            if not _hash_checked(sample) and not _decodes(sample[ext]):
+                raise DataError(f"shard {shard}: sample {sample['__key__']}.{ext} does not decode; {hint}")
+            n += 1
+    except TarFormatError as e:
+        raise DataError(f"shard {shard}: cannot read it ({e}): truncated or corrupt; {hint}") from None
     except OSError as e:
-        raise DataError(f"shard {shard}: cannot read it ({e.strerror})") from None
-    if size < end:
-        raise DataError(f"shard {shard} is truncated: {size} bytes, its index {index} needs at least {end}")
+        raise DataError(f"shard {shard}: cannot read it ({e.strerror or e}); {hint}") from None
+    if n != count:
+        raise DataError(f"shard {shard} holds {n} samples, its index {index} says {count}; {hint}")
+    return n
+
+
+def _hash_checked(sample: dict) -> bool:
+    """True when `check_sample` compared the image bytes with the SHA-256 in the sample's json."""
+    try:
+        info = json.loads(sample["json"]) if "json" in sample else None
+    except ValueError:
+        return False
+    return isinstance(info, dict) and isinstance(info.get("sha256"), str) and info.get("normalized") is None
+
+
+def check_shards(shardset: ShardSet, threads: int = 1) -> int:
+    """`check_shard` for every shard of the split (in parallel threads: hashing releases the GIL);
+    raises the DataError of the first bad shard in split order; returns the split's sample count."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sizes = shardset.shard_sizes or [None] * len(shardset.shards)
+    jobs = list(zip(shardset.shards, shardset.indexes, sizes))
+    with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
+        return sum(pool.map(lambda job: check_shard(*job, shardset.hint()), jobs))
 
 
 def parse_source_info(row: np.ndarray) -> tuple:
@@ -98,15 +182,16 @@ class DaliLoader:
     """
 
     def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+        missing = dali_unsupported(spec.aug)
+        if missing:
+            raise ValueError(f"{missing}: not implemented in the DALI backend; use --backend torch (or auto)")
         if shardset.remote:  # DALI reads local files: fetch the split once, verified, into the cache
             shardset = localize(shardset, spec.cache_dir or default_cache_dir(), progress=spec.rank == 0)
+        total = check_shards(shardset, threads=max(1, spec.num_workers))
+        check_split_size(spec, total)  # before DALI allocates buffers for a batch the split cannot fill
+        if not spec.train:  # an eval batch pads to its full size: never decode more than a rank's share
+            spec = spec.replace(batch_size=min(spec.batch_size, -(-total // spec.world_size)))
         self.spec, self.shardset = spec, shardset
-        sizes = shardset.shard_sizes or [None] * len(shardset.shards)
-        try:
-            for shard, index, expected in zip(shardset.shards, shardset.indexes, sizes):
-                check_index(shard, index, expected)
-        except DataError as e:
-            raise DataError(f"{e}; " + self._hint()) from None
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.num_threads = max(1, spec.num_workers)
@@ -172,25 +257,37 @@ class DaliLoader:
             self._pipe = None  # free the old pipeline's threads and buffers before building anew
             self._pipe = self._build(self._epoch)
         pipe, self._pipe = self._pipe, None  # a pipeline serves one pass
+        it = None
         try:
-            it = DALIGenericIterator(
-                [pipe], list(self._ops.OUTPUTS), reader_name=self._ops.READER_NAME,
-                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.FILL,
-                auto_reset=False, prepare_first_batch=False,
-            )
-        except RuntimeError as e:
-            raise self._data_error(e) from None
-        for _ in range(self._steps):
             try:
-                out = next(it)[0]
-            except StopIteration:
-                raise RuntimeError(
-                    f"DALI ended the epoch of rank {self.rank} before {self._steps} steps "
-                    f"({self.split_samples} samples, world_size {self.world_size}): please report this"
-                ) from None
+                it = DALIGenericIterator(
+                    [pipe], list(self._ops.OUTPUTS), reader_name=self._ops.READER_NAME,
+                    last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.FILL,
+                    auto_reset=False, prepare_first_batch=False,
+                )
             except RuntimeError as e:
                 raise self._data_error(e) from None
-            yield self._to_batch(out)
+            for _ in range(self._steps):
+                yield self._to_batch(self._next(it))
+        finally:
+            # An error's traceback keeps this frame alive: drop the pipeline here, not at interpreter exit.
+            it = pipe = None
+
+    def _next(self, it) -> dict:
+        try:
+            return next(it)[0]
+        except StopIteration:
+            raise RuntimeError(
+                f"DALI ended the epoch of rank {self.rank} before {self._steps} steps "
+                f"({self.split_samples} samples, world_size {self.world_size}): please report this"
+            ) from None
+        except RuntimeError as e:
+            raise self._data_error(e) from None
+
+    def close(self) -> None:
+        """Release the DALI pipeline built ahead for the next pass (its threads and buffers); iterating
+        again builds a new one."""
+        self._pipe = None
 
     def _to_batch(self, out: dict) -> Batch:
         info = out["info"].numpy()

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from pipeline.augment.batch_ops import resize_uint8
 from pipeline.data.tar_reader import iter_members
 from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, is_remote
-from shard_tools.imageio import BadImage, load_rgb
-from shard_tools.inputs import Candidate, walk_folder
+from shard_tools.imageio import BadImage
+from shard_tools.inputs import Candidate, InputError, walk_folder
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +66,7 @@ def collect(paths: Iterable[Union[str, Path]], *, label: int = -1) -> Tuple[List
         path = Path(p)
         if path.is_dir():
             n = len(items)
-            for c in walk_folder(str(p), max(label, 0)):
+            for c in _walk(str(p), label):
                 if isinstance(c, Candidate):
                     items.append(Item(c.path, label, str(p)))
                 else:
@@ -80,6 +78,29 @@ def collect(paths: Iterable[Union[str, Path]], *, label: int = -1) -> Tuple[List
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return items, skips
+
+
+def _walk(folder: str, label: int):
+    """`walk_folder` with errors naming the flag the caller has: --real/--fake, or none for predict's PATHs."""
+    try:
+        yield from walk_folder(folder, max(label, 0))
+    except InputError as e:
+        if label in (0, 1):
+            raise
+        raise InputError(re.sub(r"^--real ", "", str(e))) from None
+
+
+# BadImage details name the packer's flags; scoring has none of them, only the packer's limits.
+_PACK_FLAGS = ((re.compile(r"--max-pixels (\d+)"), r"the limit of \1 pixels"),
+               (re.compile(r"--min-size (\d+)"), r"the smallest side of \1 px"))
+
+
+def bad_image_reason(e: BadImage) -> str:
+    """``str(e)`` without the packer's flags (scoring has none of them), with the packer's limits kept."""
+    text = str(e)
+    for pattern, words in _PACK_FLAGS:
+        text = pattern.sub(words, text)
+    return text
 
 
 def shard_items(shards: Sequence[str]) -> List[Item]:
@@ -115,40 +136,13 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
     return items
 
 
-class ImageItems(Dataset):
-    """Decode + (degrade) + eval-resize of each Item; yields ``(index, CHW uint8 | None, reason | None)``."""
-
-    def __init__(self, items: Sequence[Item], image_size: int, degrade: Optional[Degrade] = None):
-        self.items = list(items)
-        self.image_size = image_size
-        self.degrade = degrade
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _read(self, item: Item):
-        if item.tar is None:
-            return item.path
-        shard, offset, size = item.tar
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            return f.read(size)
-
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        try:
-            image = load_rgb(self._read(item))
-            if self.degrade is not None:
-                image = self.degrade(image)
-        except BadImage as e:
-            return i, None, str(e)
-        except Exception as e:  # anything else a decoder throws is still this file's problem, not fatal
-            return i, None, f"corrupt: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        chw = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
-        return i, resize_uint8(chw, self.image_size).contiguous(), None
+def read_item(item: Item):
+    """What `shard_tools.imageio.load_rgb` reads for ``item``: its path, or its bytes inside a shard."""
+    if item.tar is None:
+        return item.path
+    shard, offset, size = item.tar
+    with open(shard, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
-def _collate(samples):
-    ok = [s for s in samples if s[1] is not None]
-    images = torch.stack([s[1] for s in ok]) if ok else None
-    return [s[0] for s in ok], images, [(s[0], s[2]) for s in samples if s[1] is None]

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import NamedTuple, Tuple, Union
+from typing import List, NamedTuple, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,8 +98,10 @@ class SlabPool:
     def __init__(self, workers: int, batch_shape: Tuple[int, ...], per_worker: int = SLABS_PER_WORKER) -> None:
         count = max(1, workers) * per_worker
         self.batch_shape, self.workers, self.per_worker = tuple(batch_shape), max(1, workers), per_worker
-        self.writer = SlabWriter(new_shared_always((count, *batch_shape), torch.float32),
-                                 new_shared_always((count,), torch.uint8).zero_(), per_worker)
+        # no worker processes (workers=0): plain memory, nothing to share
+        alloc = new_shared_always if workers > 0 else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
+        self.writer = SlabWriter(alloc((count, *batch_shape), torch.float32), alloc((count,), torch.uint8).zero_(),
+                                 per_worker)
         self._arrays = self.writer.data.numpy()
         self._busy = self.writer.busy.numpy()
         self.fresh = 0  # batches that came as fresh shared memory because every slab was held
@@ -121,6 +123,30 @@ class SlabPool:
 def new_shared_always(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory, in any process (inherited by forked workers,
     passed by handle to spawned ones)."""
-    nbytes = max(1, math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
-    return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes))[: math.prod(shape)].view(shape)
+    count = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(max(1, count * torch.empty(0, dtype=dtype).element_size()))
+    return torch.empty(0, dtype=dtype).set_(storage)[:count].view(shape)
 
+
+def as_sent(item):
+    """DataLoader's collate_fn: the worker's tuple as it is (its default would turn the numpy labels
+    and parameters into tensors, each a shared-memory segment of its own)."""
+    return item
+
+
+def take(pending: List[tuple], n: int) -> Tuple[tuple, List[tuple]]:
+    """Split ``n`` samples (or all, if fewer) off the front of a list of batches (tuples of tensors
+    and lists, one row per sample); no copy for a whole one."""
+    if len(pending[0][0]) == n or (len(pending) == 1 and len(pending[0][0]) < n):
+        return pending[0], pending[1:]
+    parts, rest, left = [], list(pending), n
+    while rest and left:
+        batch = rest.pop(0)
+        k = min(left, len(batch[0]))
+        parts.append(tuple(c[:k] for c in batch))
+        if k < len(batch[0]):
+            rest.insert(0, tuple(c[k:] for c in batch))
+        left -= k
+    merged = tuple([row for p in parts for row in p[i]] if isinstance(parts[0][i], list)
+                   else torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+    return merged, rest

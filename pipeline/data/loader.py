@@ -32,11 +32,7 @@ def build_loader(spec: LoaderSpec):
     bad data (naming the file).
     """
     module, name = BACKEND_CLASSES[spec.backend]
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except ImportError as e:
-        raise ValueError(f"--backend {spec.backend}: cannot be imported ({e}); install what it needs "
-                         "(nvidia-dali-cuda120 for dali) or use --backend torch") from e
+    cls = getattr(importlib.import_module(module), name)  # DALI itself is imported only when the graph is built
     shardset = resolve_shards(spec.data, spec.split, need_index=spec.backend == "dali",
                               storage_options=spec.storage_options)
     return cls(spec, shardset)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from shard_tools import storage
 from shard_tools.format import MANIFEST, is_remote
+from shard_tools.fsutil import sha256_stream
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ShardSet:
         shard_bytes / shard_sha256: per shard from the manifest, or None.
         root: the pack output folder or URL, or None for a pattern.
         storage_options: fsspec options for URLs (`shard_tools.storage`).
+        class_counts: ``{"real": n, "fake": n}`` of the split (manifest), or empty.
     """
 
     split: str
@@ -61,6 +63,7 @@ class ShardSet:
     shard_sha256: Optional[List[Optional[str]]] = None
     root: Optional[str] = None
     storage_options: Dict[str, Any] = field(default_factory=dict)
+    class_counts: Dict[str, int] = field(default_factory=dict)
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -229,7 +232,8 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
         indexes.append(index)
     return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=[e["num_samples"] for e in entries],
                     shard_bytes=[e.get("bytes") for e in entries], shard_sha256=[e.get("sha256") for e in entries],
-                    root=root, storage_options=dict(storage_options or {}))
+                    root=root, storage_options=dict(storage_options or {}),
+                    class_counts={k: int(v) for k, v in (splits[split].get("classes") or {}).items()})
 
 
 def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:
@@ -241,15 +245,13 @@ def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:
                             unit="shard", disable=not progress):
         if want is None:
             continue
-        digest = hashlib.sha256()
         try:
             with storage.open_url(shard, storage_options=shardset.storage_options) as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                digest = sha256_stream(f)
         except storage.StorageError as e:
             raise DataError(str(e)) from None
-        if digest.hexdigest() != want:
-            raise DataError(f"shard {shard}: SHA-256 {digest.hexdigest()[:16]}... differs from the manifest's "
+        if digest != want:
+            raise DataError(f"shard {shard}: SHA-256 {digest[:16]}... differs from the manifest's "
                             f"{want[:16]}...: corrupt or replaced; {shardset.hint()}")
 
 

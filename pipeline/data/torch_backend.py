@@ -60,10 +60,11 @@ from pipeline.augment import uint8_ops
 from pipeline.augment.batch_ops import apply_params, normalize_
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
+from pipeline.augment.self_blend import pseudo_fake_or_real
 from pipeline.data import tar_reader
 from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
-from pipeline.data.handoff import SlabPool, SlabWriter, new_shared
+from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
 from pipeline.data.sample_source import Piece, SampleSource, plan_pieces
 from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
 from pipeline.data.tar_reader import TarFormatError
@@ -72,6 +73,7 @@ from shard_tools.format import IMAGE_EXTS
 logger = logging.getLogger(__name__)
 
 
+SBI_SUFFIX = "#sbi"  # ids of pseudo-fakes: never confused with their source sample
 SHUFFLE_BUFFER = 1000  # samples, held as encoded bytes (~10 KB each for 256 px JPEG faces)
 
 
@@ -99,8 +101,9 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
                  batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, reals_only: bool = False) -> None:
         super().__init__()
+        self.reals_only = reals_only
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.mode, self.writer = aug, mode, writer
@@ -108,15 +111,17 @@ class _ShardStream(IterableDataset):
         # set by the main process before each epoch; persistent workers read it when the epoch starts
         self.epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
 
+        self._epoch: Optional[int] = None  # the epoch being read, in the process reading it
+
     @property
     def epoch(self) -> int:
-        return int(self.epoch_box[0])
+        """The epoch this process is reading (fixed when its pass begins), else the one set last."""
+        return int(self.epoch_box[0]) if self._epoch is None else self._epoch
 
-    def pieces(self, worker: int, num_workers: int, epoch: Optional[int] = None) -> List[Piece]:
-        epoch = self.epoch if epoch is None else epoch
+    def pieces(self, worker: int, num_workers: int) -> List[Piece]:
         order = list(range(len(self.shards)))
         if self.train:  # same on every rank, so the ranks' ranges partition one sequence
-            random.Random(derive_seed(self.seed, epoch, "shards")).shuffle(order)
+            random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(order)
         n = sum(self.sizes)
         lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
         wlo, whi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
@@ -141,6 +146,13 @@ class _ShardStream(IterableDataset):
                             "JPEG/PNG/WebP); " + self.source.hint)
         return image, label, key
 
+    def blend(self, image: np.ndarray, label: int, key: str) -> Tuple[np.ndarray, int, str]:
+        """A real sample, maybe turned into its self-blended pseudo-fake (label 1, id ``KEY#sbi``),
+        drawn from (seed, epoch, key): the same whatever the rank, worker or batch it lands in."""
+        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key, "sbi"))
+        image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend)
+        return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
+
     def process(self, samples: List[dict], generator: torch.Generator, worker: int) -> tuple:
         """One batch of raw samples -> ``(images, labels, ids, params)`` as ``mode`` says; labels and
         params as numpy arrays (pickled with the message, not a shared-memory segment each)."""
@@ -153,14 +165,17 @@ class _ShardStream(IterableDataset):
             labels = np.array([m[1] for m in metas], dtype=np.uint8)
             return encode_batch(payloads, size), labels, [s["__key__"] for s in samples], shipped
         decoded = [self.decode(s) for s in samples]
+        if self.train and self.aug.self_blend > 0:
+            decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
         labels = np.array([d[1] for d in decoded], dtype=np.uint8)
         ids = [d[2] for d in decoded]
+        crop = self.aug.preprocess == "crop"
         if self.mode == "finish":
             scratch = self._scratch(n)
-            uint8_ops.process_into([d[0] for d in decoded], scratch, params)
+            uint8_ops.process_into([d[0] for d in decoded], scratch, params, crop=crop)
             return self.writer.write(scratch, worker), labels, ids, shipped
         images = new_shared((n, size, size, 3), torch.uint8)
-        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), None)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=crop, finish=False)
         return images, labels, ids, shipped
 
     def _scratch(self, n: int) -> np.ndarray:
@@ -174,10 +189,13 @@ class _ShardStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.writer is not None:  # slabs of the last epoch that never reached the main process
             self.writer.free_stale(worker)
-        epoch = self.epoch  # read once: the main process may set the next one while this epoch ends
-        pieces = self.pieces(worker, num_workers, epoch)
+        # read once: the main process may set the next epoch while this one's last batches are made
+        self._epoch = epoch = int(self.epoch_box[0])
+        pieces = self.pieces(worker, num_workers)
         items = [{"piece": p} for p in pieces]
         stages = [lambda: iter(items), self.read_pieces]  # a bare list would be taken as a list of stages
+        if self.train and self.reals_only:
+            stages.append(wds.select(lambda sample: sample.get("cls", b"").strip() == b"0"))
         if self.train:
             n = sum(p.stop - p.start for p in pieces)
             buf = max(1, min(SHUFFLE_BUFFER, n))
@@ -235,6 +253,10 @@ class TorchLoader:
         self.device = spec.device
         if decode_device is None and spec.decode == "gpu":
             decode_device = spec.device
+        if decode_device is not None and (spec.aug.preprocess == "crop" or (spec.train and spec.aug.self_blend > 0)):
+            logger.info("torch backend: the workers decode (crop preprocessing and self-blending need the pixels "
+                        "on the CPU), not --decode gpu")
+            decode_device = None
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
         self.mode = ("encoded" if self.decode_device is not None
                      else "resize" if self.device.type == "cuda" else "finish")
@@ -245,10 +267,20 @@ class TorchLoader:
         self._active = 0  # iterations open now
         self.split_samples = sum(self.sizes)
         self.own = rank_share(self.split_samples, self.rank, self.world_size)
-        self.steps = check_split_size(spec, self.split_samples)
+        self.steps = check_split_size(spec, self._train_samples(spec, shardset))
         self.padded = math.ceil(self.split_samples / self.world_size)
         # Every worker gets a contiguous range of at least one sample; more workers than that only idle.
         self.num_workers = min(spec.num_workers, self.own)
+
+    def _train_samples(self, spec: LoaderSpec, shardset: ShardSet) -> int:
+        """Samples the steps are counted from: the split, or with ``fakes='sbi-only'`` its reals
+        less a 3% margin (the packer interleaves the classes, so every rank's part holds about its
+        share of them; the margin keeps a rank from running out, which would stall the others)."""
+        if not (spec.train and spec.fakes == "sbi-only"):
+            return self.split_samples
+        if "real" not in shardset.class_counts:
+            raise DataError(f"{spec.data}: --fakes sbi-only needs the per-class counts of a pack output's manifest")
+        return int(shardset.class_counts["real"] * 0.97)
 
     @property
     def num_samples(self) -> int:
@@ -268,10 +300,10 @@ class TorchLoader:
         stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
                               batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
                               writer=pool.writer if pool else None, seed=self.seed, rank=self.rank,
-                              world_size=self.world_size)
+                              world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only")
         dl = None if self.num_workers == 0 else DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
-            collate_fn=_as_sent, persistent_workers=persistent)
+            collate_fn=as_sent, persistent_workers=persistent)
         return stream, pool, dl
 
     def _open(self, epoch: int) -> Tuple[Iterator, Optional[SlabPool], Callable[[], None]]:
@@ -328,7 +360,7 @@ class TorchLoader:
             seen += len(ids)
             pending.append(item)
             while sum(len(p[0]) for p in pending) >= self.batch_size:
-                batch, pending = _take(pending, self.batch_size)
+                batch, pending = take(pending, self.batch_size)
                 yield batch
                 emitted += 1
                 if self.train and emitted == self.steps:
@@ -342,7 +374,7 @@ class TorchLoader:
         if pad and first is not None:
             pending.append(tuple(c * pad if isinstance(c, list) else c.repeat_interleave(pad, 0) for c in first))
         while pending:
-            batch, pending = _take(pending, self.batch_size)
+            batch, pending = take(pending, self.batch_size)
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
@@ -359,27 +391,3 @@ class TorchLoader:
             x = apply_params(x, params_from_tensor(params), self.image_size) if params.shape[1] else x.float()
             labels = labels.to(self.device, non_blocking=True).float()
             yield Batch(normalize_(x).to(self.device, non_blocking=True), labels, ids)
-
-
-def _as_sent(item):
-    """DataLoader's collate_fn: the worker's tuple as it is (its default would turn the numpy labels
-    and parameters into tensors, each a shared-memory segment of its own)."""
-    return item
-
-
-def _take(pending: List[tuple], n: int) -> Tuple[tuple, List[tuple]]:
-    """Split ``n`` samples (or all, if fewer) off the front of a list of batches (tuples of tensors
-    and lists, one row per sample); no copy for a whole one."""
-    if len(pending[0][0]) == n or (len(pending) == 1 and len(pending[0][0]) < n):
-        return pending[0], pending[1:]
-    parts, rest, left = [], list(pending), n
-    while rest and left:
-        batch = rest.pop(0)
-        k = min(left, len(batch[0]))
-        parts.append(tuple(c[:k] for c in batch))
-        if k < len(batch[0]):
-            rest.insert(0, tuple(c[k:] for c in batch))
-        left -= k
-    merged = tuple([row for p in parts for row in p[i]] if isinstance(parts[0][i], list)
-                   else torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
-    return merged, rest

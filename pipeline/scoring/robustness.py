@@ -26,6 +26,7 @@ def run_sweep(
     items: Sequence,
     *,
     image_size: int,
+    mode: str = "resize",
     clean: Optional[Tuple[np.ndarray, np.ndarray]] = None,
     threshold: float = 0.5,
     degradations: Optional[Sequence[Degradation]] = None,
@@ -40,11 +41,11 @@ def run_sweep(
     ``items``; when None the clean pass is scored here. Images that fail under a degradation are
     counted in ``n_failed`` of that level and left out of its metrics.
     """
-    from pipeline.scoring.score import score_items
+    from pipeline.scoring.modes import score_items
 
     degradations = list(degradations) if degradations is not None else default_sweep()
     labels = np.asarray([it.label for it in items], dtype=np.int64)
-    common = dict(image_size=image_size, device=device, batch_size=batch_size, num_workers=num_workers,
+    common = dict(image_size=image_size, mode=mode, device=device, batch_size=batch_size, num_workers=num_workers,
                   progress=progress)
 
     def level(scores: np.ndarray, errors: Dict[int, str]) -> dict:
@@ -60,7 +61,7 @@ def run_sweep(
         clean_entry = level(scores, errors)
     else:
         clean_entry = {**_summary(clean[0], clean[1], threshold), "n_failed": 0}
-    report = {"applied": APPLIED, "threshold": threshold, "image_size": image_size, "clean": clean_entry,
+    report = {"applied": APPLIED, "threshold": threshold, "image_size": image_size, "scoring": mode, "clean": clean_entry,
               "degradations": {}}
     bar = tqdm(degradations, desc="robustness", unit="level", disable=not progress)
     for d in bar:

@@ -3,61 +3,29 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pipeline.augment.batch_ops import normalize
+from pipeline.augment.config import AugConfig
+from pipeline.checkpoint import CheckpointError
 from pipeline.data.contract import LoaderSpec, drop_repeats
-from pipeline.data.folders import Degrade, ImageItems, Item, _collate, collect, shard_items
+from pipeline.data.folders import Item, collect, shard_items
 from pipeline.data.loader import build_loader
-from pipeline.data.shards import DataError
+from pipeline.data.shards import DataError, resolve_shards
 from pipeline.scoring.metrics import quiet_metrics
+from pipeline.scoring.modes import score_items
+from pipeline.scoring.outputs import path_hex, shown
 from shard_tools.format import is_remote
-from shard_tools.fsutil import atomic_open
+from shard_tools.fsutil import atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-
-@torch.inference_mode()
-def score_items(
-    model: torch.nn.Module,
-    items: Sequence[Item],
-    *,
-    image_size: int,
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    degrade: Optional[Degrade] = None,
-    progress: bool = True,
-    desc: str = "score",
-) -> Tuple[np.ndarray, Dict[int, str]]:
-    """P(fake) for each item (NaN where it failed) and ``{item index: "reason: detail"}`` for failures."""
-    device = torch.device(device)
-    model.eval()
-    scores = np.full(len(items), np.nan, dtype=np.float64)
-    errors: Dict[int, str] = {}
-    if not items:
-        return scores, errors
-    loader = DataLoader(
-        ImageItems(items, image_size, degrade), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-    )
-    bar = tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2, leave=False)
-    for idx, images, errs in bar:
-        errors.update(errs)
-        if images is None:
-            continue
-        x = normalize(images.to(device, non_blocking=True))
-        logits = model(x).reshape(len(idx), -1)[:, 0]
-        scores[idx] = torch.sigmoid(logits.float()).cpu().numpy()
-    return scores, errors
 
 
 @dataclass
@@ -82,20 +50,17 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
     a `DataError` (the shards do not hold what the manifest says).
     """
     loader = build_loader(spec)
-    local = not any(is_remote(shard) for shard in loader.shardset.shards)
-    if need_items and not local:
-        raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
-                         "shards; copy them to a local folder first")
-    items = shard_items(loader.shardset.shards) if local else []
-    model.eval()
-    ids: List[str] = []
-    labels: List[float] = []
-    scores: List[float] = []
-    for batch in tqdm(loader, desc=f"evaluate {spec.split}", unit="batch", disable=not progress, leave=False):
-        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
-        ids.extend(batch.ids)
-        labels.extend(batch.labels.cpu().tolist())
-        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
+    try:
+        local = not any(is_remote(shard) for shard in loader.shardset.shards)
+        if need_items and not local:
+            raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
+                             "shards; copy them to a local folder first")
+        items = shard_items(loader.shardset.shards) if local else []
+        ids, labels, scores = _score_loader(model, loader, f"evaluate {spec.split}", progress)
+    finally:
+        close = getattr(loader, "close", None)  # the DALI pipeline goes now, not at interpreter exit
+        if close is not None:
+            close()
     ids, labels, scores = drop_repeats(ids, labels, scores)
     if len(ids) != loader.split_samples:
         raise DataError(f"{spec.data} {spec.split}: scored {len(ids)} distinct samples, but the split has "
@@ -105,15 +70,58 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
                    np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)), items)
 
 
+def _score_loader(model: torch.nn.Module, loader, desc: str, progress: bool) -> Tuple[list, list, list]:
+    model.eval()
+    ids: List[str] = []
+    labels: List[float] = []
+    scores: List[float] = []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        logits = model(batch.images).reshape(len(batch.ids), -1)[:, 0]
+        ids.extend(batch.ids)
+        labels.extend(batch.labels.cpu().tolist())
+        scores.extend(torch.sigmoid(logits.float()).cpu().tolist())
+    return ids, labels, scores
+
+
+def check_finite(scores: np.ndarray, names: Sequence[str], checkpoint: str) -> None:
+    """CheckpointError when the model gave a NaN/inf score: finite weights that overflow, not a bad image."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(scores, dtype=np.float64)))
+    if bad.size:
+        raise CheckpointError(f"{checkpoint}: the model's output is NaN or infinite for {bad.size} of {len(scores)} "
+                              f"images (e.g. {shown(names[bad[0]])}): its weights overflow; use another checkpoint")
+
+
+def score_split(model: torch.nn.Module, spec: LoaderSpec, mode: str, *, need_items: bool = False,
+                progress: bool = True) -> Tuple[Scores, List[Item]]:
+    """Score a split of shards under scoring ``mode``: ``resize``/``center`` through the loaders (eval
+    ``preprocess`` resize / crop), ``full``/``tiles`` image by image from the local tars."""
+    if mode in ("resize", "center"):
+        aug = AugConfig.preset("none", preprocess="resize" if mode == "resize" else "crop")
+        return score_shards(model, spec.replace(aug=aug), need_items=need_items, progress=progress)
+    shardset = resolve_shards(spec.data, spec.split, storage_options=spec.storage_options)
+    if shardset.remote:
+        raise ValueError(f"--scoring {mode} on {spec.data}: reads shard images one by one from local .tar shards; "
+                         "copy them to a local folder first, or use --scoring resize/center")
+    items = shard_items(shardset.shards)
+    values, errors = score_items(model, items, image_size=spec.image_size, mode=mode, device=spec.device,
+                                 batch_size=spec.batch_size, num_workers=spec.num_workers, progress=progress,
+                                 desc=f"evaluate {spec.split} ({mode})")
+    if errors:
+        i, err = sorted(errors.items())[0]
+        raise DataError(f"{items[i].tar[0]}: sample {items[i].path}: {err}; run `deepfake-inspect {spec.data} --verify`")
+    return Scores([it.path for it in items], [it.source for it in items], [it.group for it in items],
+                  np.asarray([it.label for it in items], dtype=np.int64), values), items
+
+
 def score_folders(
-    model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int,
+    model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int, mode: str = "resize",
     device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
 ) -> tuple[Scores, List[Item], List[dict]]:
     """Score files under ``real`` and ``fake``; returns (scores, the items that scored, skip records)."""
     real_items, skipped = collect(real, label=0)
     fake_items, more = collect(fake, label=1)
     items, skipped = real_items + fake_items, skipped + more
-    values, errors = score_items(model, items, image_size=image_size, device=device, batch_size=batch_size,
+    values, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, desc="evaluate")
     for i, err in sorted(errors.items()):
         reason, _, detail = err.partition(": ")
@@ -147,8 +155,11 @@ def per_group(s: Scores, threshold: float, eer_threshold: float) -> List[dict]:
 
 
 def write_scores_csv(path: Path, s: Scores) -> None:
-    with atomic_open(path, "w") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["id", "source", "group", "label", "score"])
-        for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
-            w.writerow([*row[:3], ("real", "fake")[row[3]], f"{row[4]:.6f}"])
+    """id, source, group, label, score, path_bytes_hex (the exact bytes of ``source`` when it is not
+    valid UTF-8 text as it is: `pipeline.scoring.outputs`); UTF-8, written atomically."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "source", "group", "label", "score", "path_bytes_hex"])
+    for row in zip(s.ids, s.sources, s.groups, s.labels.tolist(), s.scores.tolist()):
+        w.writerow([*map(shown, row[:3]), ("real", "fake")[row[3]], f"{row[4]:.6f}", path_hex(row[1])])
+    atomic_write_text(path, buf.getvalue())

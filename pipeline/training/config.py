@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from model import list_models
-from pipeline.augment.config import PRESETS
+from model import INPUT_FILTERS, list_models, validate_kwargs
+from pipeline.augment.config import PREPROCESS, PRESETS, AugConfig
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
 from shard_tools.storage import parse_storage_options
@@ -20,6 +20,8 @@ LOSSES = ("bce", "mse")
 SCHEDULES = ("cosine", "constant")
 
 PRECISIONS = ("no", "fp16", "bf16")
+
+FAKES = ("all", "sbi-only")  # sbi-only: the split's fakes are left out of training (reals + pseudo-fakes)
 
 # The original project's settings (Adam 1e-5, MSE, batch 32, 224 px, its augmentation, no schedule).
 RECIPES: Dict[str, Dict[str, Any]] = {
@@ -39,6 +41,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     verify_data: bool = False
     model: str = "deepfakenet_base"
+    input_filter: Optional[str] = None
     image_size: int = 224
     epochs: int = 10
     batch_size: int = 64
@@ -51,6 +54,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     loss: str = "bce"
     aug: str = "seed"
+    preprocess: Optional[str] = None
+    self_blend: float = 0.0
+    fakes: str = "all"
     backend: str = "auto"
     decode: str = "auto"
     workers: int = 2
@@ -72,6 +78,9 @@ class TrainConfig:
                 raise ValueError(f"--{flag} {value}: must be >= {low}")
 
         choice("model", self.model, list_models())
+        if self.input_filter is not None:
+            choice("input-filter", self.input_filter, INPUT_FILTERS)
+            validate_kwargs(self.model, self.model_kwargs())
         check_image_size(self.image_size)
         if self.storage_options is not None:
             parse_storage_options(self.storage_options)
@@ -82,6 +91,17 @@ class TrainConfig:
         choice("loss", self.loss, LOSSES)
         choice("schedule", self.schedule, SCHEDULES)
         choice("aug", self.aug, PRESETS)
+        if self.preprocess is not None:
+            choice("preprocess", self.preprocess, PREPROCESS)
+        choice("fakes", self.fakes, FAKES)
+        if not 0.0 <= self.self_blend <= 1.0:
+            raise ValueError(f"--self-blend {self.self_blend}: a probability in [0, 1]")
+        if self.fakes == "sbi-only" and self.self_blend <= 0:
+            raise ValueError("--fakes sbi-only: training then sees no fake at all; give --self-blend P (e.g. 0.5)")
+        try:
+            self.aug_config()
+        except ValueError as e:
+            raise ValueError(f"--aug {self.aug}: {e}") from None
         choice("backend", self.backend, BACKEND_CHOICES)
         choice("decode", self.decode, DECODE_CHOICES)
         if self.recipe is not None:
@@ -99,6 +119,15 @@ class TrainConfig:
             raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
         if 0 < self.max_steps < self.grad_accum:
             raise ValueError(f"--max-steps {self.max_steps}: must be >= --grad-accum {self.grad_accum}")
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """Overrides of the model variant's defaults (saved in the checkpoint, so it loads back the same)."""
+        return {"input_filter": self.input_filter} if self.input_filter else {}
+
+    def aug_config(self) -> AugConfig:
+        """The training augmentation: the ``aug`` preset, with ``preprocess`` and ``self_blend`` applied."""
+        extra = {"preprocess": self.preprocess} if self.preprocess else {}
+        return AugConfig.preset(self.aug, self_blend=self.self_blend, **extra)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":

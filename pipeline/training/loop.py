@@ -16,6 +16,7 @@ from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError, verify_shards
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
+from pipeline.scoring.outputs import OutputError, shown, writing
 from pipeline.training.epoch import evaluate, train_epoch
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.rundir import (
@@ -44,12 +45,13 @@ class _Setup:
         # Every rank checks before the main process writes anything, so all agree on the outcome.
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
-                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug,
+                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
                           storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir,
-                          decode=cfg.decode)
+                          fakes=cfg.fakes, decode=cfg.decode)
         self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug="none"))
+        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
+                                                     fakes="all"))
         if cfg.verify_data:
             for loader in (self.train_loader, self.val_loader):
                 verify_shards(loader.shardset, progress=accelerator.is_main_process)
@@ -63,6 +65,13 @@ class _Setup:
                            f"of each process; lower it or --batch-size")
         self.steps = steps
         self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
+
+    def close(self) -> None:
+        """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
+        for loader in (self.train_loader, self.val_loader):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                close()
 
 
 def run(cfg, *, on_step=None) -> int:
@@ -78,20 +87,27 @@ def run(cfg, *, on_step=None) -> int:
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines
+    setup = None
     try:
         try:
             setup = _Setup(cfg, accelerator)
-        except (ValueError, DataError, CheckpointError) as e:
+        except (ValueError, DataError, CheckpointError, OutputError) as e:
             if main_proc:
-                logger.error("error: %s", e)
+                logger.error("error: %s", shown(e))
             return 2
         try:
             return _train(cfg, accelerator, setup, on_step)
         except RunError as e:  # e.g. Diverged: every rank raises it together
             if main_proc:
-                logger.error("error: %s", e)
+                logger.error("error: %s", shown(e))
+            return 2
+        except (DataError, OutputError) as e:  # met by this rank alone: it says so, whichever rank it is
+            where = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
+            logger.error("error: %s%s", where, shown(e))
             return 2
     finally:
+        if setup is not None:
+            setup.close()
         accelerator.end_training()
 
 
@@ -100,7 +116,7 @@ def _prepare(cfg, accelerator, setup: _Setup):
     from accelerate.utils import set_seed
 
     set_seed(cfg.seed)
-    model = create_model(cfg.model)
+    model = create_model(cfg.model, **cfg.model_kwargs())
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
@@ -124,7 +140,8 @@ def _train(cfg, accelerator, setup: _Setup, on_step=None) -> int:
     main_proc = accelerator.is_main_process
     model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
     if main_proc:
-        atomic_write_json(out / "config.json", cfg.to_dict())
+        with writing(out / "config.json"):
+            atomic_write_json(out / "config.json", cfg.to_dict())
     accelerator.wait_for_everyone()
     if progress.epoch >= cfg.epochs and (out / "summary.json").exists():
         logger.info("%s already finished all %d epochs; nothing to do", out, cfg.epochs)
@@ -177,13 +194,17 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
 
 
 def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
+    """last/best checkpoints, metrics.csv, curves.png, TensorBoard scalars; OutputError naming a file that
+    cannot be written (each file is atomic: a failed write leaves the previous epoch's version)."""
     meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
-            "model_kwargs": {}, "train_config": cfg.to_dict()}
-    save_checkpoint(out / LAST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
-    if improved:
-        save_checkpoint(out / BEST, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
-    write_metrics_csv(out / "metrics.csv", progress.history)
-    plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {Path(cfg.data).name}")
+            "model_kwargs": cfg.model_kwargs(), "train_config": cfg.to_dict(), "preprocess": cfg.aug_config().preprocess}
+    for name in (LAST, BEST) if improved else (LAST,):
+        with writing(out / name, "checkpoint"):
+            save_checkpoint(out / name, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
+    with writing(out / "metrics.csv"):
+        write_metrics_csv(out / "metrics.csv", progress.history)
+    with writing(out / "curves.png"):
+        plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {shown(Path(cfg.data).name)}")
     row = progress.history[-1]
     for key in METRIC_COLUMNS[1:]:
         if row.get(key) is not None:
@@ -205,7 +226,9 @@ def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Pr
         "param_checksum": _param_checksum(accelerator.unwrap_model(model)),
         "final_val": {k: last.get(k) for k in METRIC_COLUMNS if k.startswith("val_")},
     }
-    atomic_write_json(out / "ranks" / f"rank-{accelerator.process_index}.json", to_jsonable(rank_info))
+    rank_file = out / "ranks" / f"rank-{accelerator.process_index}.json"
+    with writing(rank_file):
+        atomic_write_json(rank_file, to_jsonable(rank_info))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
@@ -227,7 +250,8 @@ def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Pr
         "checkpoints": {"best": BEST, "last": LAST},
         "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()},
     }
-    atomic_write_json(out / "summary.json", to_jsonable(summary))
+    with writing(out / "summary.json"):
+        atomic_write_json(out / "summary.json", to_jsonable(summary))
     best = progress.best_metrics
     logger.info("done: best epoch %s  val acc %.4f  AUC %.4f  EER %.4f  -> %s", progress.best_epoch,
                 best.get("accuracy") or math.nan, best.get("roc_auc") or math.nan, best.get("eer") or math.nan, out)

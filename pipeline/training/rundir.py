@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from pipeline.scoring.metrics import HEADLINE, to_jsonable
-from shard_tools.fsutil import atomic_write_json, atomic_write_text
+from pipeline.scoring.outputs import OutputError, check_apart, check_output_dir, shown, writing
+from shard_tools.fsutil import atomic_write_json, atomic_write_text, file_mode
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,13 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, expected a run directory")
+    check_output_dir("--out", out)  # writable, or creatable: before any data is read
+    try:
+        os.path.abspath(out).encode("utf-8")
+    except UnicodeEncodeError:  # tensorboard encodes its file names as UTF-8, strictly
+        raise RunError(f"--out {shown(out)}: not valid UTF-8 (TensorBoard cannot write there); choose another --out") from None
+    check_apart("--out", out, [(f"--{k.replace('_', '-')}", config[k]) for k in ("data", "val_data")
+                               if isinstance(config.get(k), str) and os.path.isdir(config[k])])
     if not cfg_path.exists():
         if out.exists() and any(out.iterdir()) and not resume:
             raise RunError(f"--out {out}: folder exists and is not empty (no config.json); choose another --out")
@@ -74,18 +82,32 @@ def latest_state(out: Path) -> Optional[Path]:
 
 
 def save_training_state(accelerator, out: Path, epoch: int, progress: Mapping[str, Any]) -> Path:
-    """``accelerator.save_state`` into a temp folder, then rename: a SIGKILL never leaves a half state."""
+    """``accelerator.save_state`` into a temp folder, then rename: a SIGKILL never leaves a half state.
+
+    A failed write (disk full, a file-size limit) is an OutputError naming the state folder, with the
+    temp folder removed; the previous epoch's state stays the one --resume finds.
+    """
     root = out / STATE_DIR
     final = root / f"epoch_{epoch:04d}"
     tmp = root / f".tmp-epoch_{epoch:04d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with writing(tmp, "the training state"):
+            tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        with writing(final, "the training state"):
+            accelerator.save_state(str(tmp))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                atomic_write_json(tmp / PROGRESS, to_jsonable(dict(progress)))
+                for f in tmp.iterdir():  # safetensors writes 0600 files; torch.save the usual 0666 & ~umask
+                    if f.is_file():
+                        os.chmod(f, file_mode())
+    except OutputError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        atomic_write_json(tmp / PROGRESS, to_jsonable(dict(progress)))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in root.glob("epoch_*"):
@@ -98,9 +120,23 @@ def save_training_state(accelerator, out: Path, epoch: int, progress: Mapping[st
 
 
 def load_training_state(accelerator, state: Path) -> Dict[str, Any]:
-    """``accelerator.load_state`` (model, optimizer, scheduler, RNG) and the saved progress."""
-    accelerator.load_state(str(state))
-    return json.loads((state / PROGRESS).read_text())
+    """``accelerator.load_state`` (model, optimizer, scheduler, RNG) and the saved progress.
+
+    Anything unreadable is a RunError naming the state folder: corrupt, or written by another version
+    of the code or of torch/accelerate. (Never a fix that unpickles untrusted code.)
+    """
+    try:
+        # accelerate skips an unreadable RNG file with an info line; a resumed run would then silently differ
+        from accelerate.utils import load as accelerate_load
+
+        accelerate_load(state / f"random_states_{accelerator.process_index}.pkl")
+        accelerator.load_state(str(state))
+        progress = json.loads((state / PROGRESS).read_text())
+        Progress.from_dict(progress)
+    except Exception as e:  # torch, safetensors, accelerate and json raise many types for a damaged file
+        raise RunError(f"--resume: the training state {state} is corrupt or incompatible ({type(e).__name__}); "
+                       "it cannot be continued: start a new run with another --out") from None
+    return progress
 
 
 def write_metrics_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

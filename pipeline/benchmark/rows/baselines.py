@@ -32,22 +32,14 @@ class OriginalDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
+        import cv2
         import numpy as np
 
         path, label = self.items[i]
-        try:
-            import cv2
-
-            img = cv2.imread(path)
-            if img is None:
-                raise ValueError(f"{path}: cv2.imread could not read the file")
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-            img = cv2.resize(img, (self.size, self.size))
-        except ImportError:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB").resize((self.size, self.size), Image.BILINEAR))
+        img = cv2.imread(path)
+        if img is None:
+            raise ValueError(f"{path}: cv2.imread could not read the file")
+        img = cv2.resize(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), (self.size, self.size))
         x = torch.Tensor(np.swapaxes(img, 0, 2))
         if i % 2:
             x = self.aug(x)
@@ -56,12 +48,7 @@ class OriginalDataset(torch.utils.data.Dataset):
 
 def row_original(params: dict, monitor: TreeMonitor) -> List[dict]:
     items = list_images(params)
-    try:
-        import cv2  # noqa: F401
-
-        how = "cv2 (opencv-python-headless)"
-    except ImportError:
-        how = "PIL (cv2 not installed: install opencv-python-headless for the faithful path)"
+    how = "cv2 (opencv-python-headless)"
     workers = params["workers"]
     loader = torch.utils.data.DataLoader(
         OriginalDataset(items, params["image_size"]), batch_size=params["batch_size"], shuffle=True,

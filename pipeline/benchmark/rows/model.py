@@ -22,10 +22,8 @@ logger = logging.getLogger(__name__)
 
 
 def _train_step(params: dict) -> Tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.device]:
-    try:
-        from model import create_model
-    except ImportError as e:
-        raise SkipRow(f"model package not available: {e}") from e
+    from model import create_model
+
     cuda_check(params["device"])
     device = torch.device(params["device"])
     if device.type == "cpu":
