@@ -412,6 +412,19 @@ def test_decode_batch_names_an_undecodable_sample(tmp_path):
         decode_batch(batch_rows(batch), ["k1"], 16, torch.device("cpu"), "run deepfake-inspect OUT --verify")
 
 
+def test_gpu_decode_leaves_crops_and_self_blending_to_the_workers(packed):
+    """Crops and self-blended pseudo-fakes need the decoded pixels in the worker: no encoded path then."""
+    from pipeline.data.shards import resolve_shards
+
+    shards = resolve_shards(str(packed), "train")
+    for aug in (AugConfig.preset("artifact"), AugConfig.preset("seed", self_blend=0.5)):
+        spec = LoaderSpec(packed, "train", device="cpu", batch_size=4, image_size=SIZE, train=True, aug=aug,
+                          num_workers=0, backend="torch")
+        ld = TorchLoader(spec, shards, decode_device="cpu")
+        assert ld.mode == "finish" and ld.decode_device is None
+        assert len(next(iter(ld)).ids) == 4
+
+
 def test_decode_flag_is_checked():
     assert LoaderSpec("x", "val", train=False).decode == "cpu"
     assert LoaderSpec("x", "val", train=False, device="cuda").decode == "gpu"  # no CUDA needed to decide
