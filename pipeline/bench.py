@@ -38,7 +38,7 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "limits", "original", "wds", "loaders", "memory", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "memory", "stall", "pack")
 BACKENDS = ("dali", "torch")
 DECODES = ("auto", "cpu", "gpu")
 
@@ -137,15 +137,15 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
         add(dict(kind="decode", names=["decode"], labels=["2 decode-only limit"], group="limit"))
         if dev == "cuda":
             add(dict(kind="decode_gpu", names=["decode_gpu"], labels=["2 decode-only, nvJPEG (cuda)"], group="limit"))
-    if "limits" in args.rows:
-        add(dict(kind="limit_train", names=["limit_train"], labels=["2b train work limit (decode+aug+float)"],
-                 group="limit", extra=dict(train=True)))
-        add(dict(kind="limit_eval", names=["limit_eval"], labels=["2b eval work limit (decode+resize+float)"],
-                 group="limit", extra=dict(train=False)))
     if "original" in args.rows:
         add(dict(kind="original", names=["original"], labels=["3 original project (folders)"], group="baseline"))
     if "wds" in args.rows:
         add(dict(kind="wds", names=["wds"], labels=["4 naive webdataset + PIL"], group="naive"))
+    if "limits" in args.rows:  # right before the loader rows: measured as close in time as can be
+        add(dict(kind="limit_train", names=["limit_train"], labels=["2b train work limit (decode+aug+float)"],
+                 group="limit", extra=dict(train=True)))
+        add(dict(kind="limit_eval", names=["limit_eval"], labels=["2b eval work limit (decode+resize+float)"],
+                 group="limit", extra=dict(train=False)))
     if "loaders" in args.rows:
         for backend, decode, tag in _loader_variants(args):
             for train in (True, False):

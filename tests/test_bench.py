@@ -14,8 +14,8 @@ from pipeline.bench import get_args_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_ROWS = [
-    "read", "decode", "limit_train", "limit_eval", "original", "wds", "dali_train", "dali_eval", "torch_train", "torch_eval",
-    "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
+    "read", "decode", "original", "wds", "limit_train", "limit_eval", "dali_train", "dali_eval", "torch_train",
+    "torch_eval", "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
 ]
 TINY = ["--batch-size", "4", "--image-size", "32", "--warmup", "1", "--batches", "2", "--repeats", "1",
         "--workers", "1", "--stall-warmup", "1", "--stall-steps", "1", "--decode-samples", "16",
