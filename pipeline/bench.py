@@ -104,6 +104,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=_positive("--warmup", 0), default=20, help="untimed batches before timing")
     g.add_argument("--batches", type=_positive("--batches"), default=100, help="batches per timed window")
     g.add_argument("--repeats", type=_positive("--repeats"), default=3, help="timed windows per row; the median is reported")
+    g.add_argument("--paired-repeats", type=_positive("--paired-repeats", 0), default=3,
+                   help="on cpu, each loader row then also runs its work limit and itself in turns, this many pairs of "
+                        "--batches windows (the ratio a machine whose speed drifts allows); 0 = off")
     g.add_argument("--row-timeout", type=_positive("--row-timeout"), default=900,
                    help="seconds after which a row's process is killed and the row reported as failed")
     g.add_argument("--memory-epochs", type=_positive("--memory-epochs"), default=3,

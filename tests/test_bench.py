@@ -61,6 +61,9 @@ def test_every_row_on_tiny_shards(packed, tmp_path):
         if row["group"] in ("loader", "memory") and row["status"] == "ok":
             want = "limit_train" if row.get("train", True) else "limit_eval"
             assert row["work_limit"] == want and row["vs_work_limit"] > 0, row
+        if row["group"] == "loader" and row["status"] == "ok":  # on cpu: also measured in turns with its limit
+            assert row["vs_work_limit_paired"] > 0 and len(row["paired_ratios"]) == 3, row
+            assert min(row["paired_img_s"]) > 0 and min(row["paired_work_limit_img_s"]) > 0, row
             assert report["summary"]["vs_work_limit"][name] == row["vs_work_limit"]
     assert report["summary"]["work_limit_train_img_s"] == rows["limit_train"]["img_s"]
     # the figures are each row's own, not copies of one another

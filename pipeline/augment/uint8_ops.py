@@ -25,6 +25,7 @@ which the torch backend's workers write straight into a shared-memory batch (`pi
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -55,6 +56,24 @@ def single_threaded() -> None:
     """
     if cv2.getNumThreads() != 1:
         cv2.setNumThreads(1)
+
+
+def steady_heap() -> bool:
+    """Make glibc keep the memory of freed per-batch buffers for the next batch (this process).
+
+    A batch allocates and frees the same large blocks each time (64 decoded 196 KB images, the
+    12.5 MB stack that is resized). With glibc's defaults the top of the heap is returned to the
+    kernel as soon as 2x the (adaptive) mmap threshold is free there and taken back for the next
+    batch: page faults and ``brk`` calls measured at ~20% of a loader worker's time (perf), ~0.1 ms
+    per image. Fixed thresholds (mmap above 32 MB, trim above 256 MB) keep it; the heap then stays
+    at its high-water mark, a few batches' worth. False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
 
 
 def decode(data: bytes) -> Optional[np.ndarray]:

@@ -187,6 +187,8 @@ class _ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None and not getattr(self, "_heap_set", False):  # once per worker process
+            self._heap_set = uint8_ops.steady_heap()
         if self.writer is not None:  # slabs of the last epoch that never reached the main process
             self.writer.free_stale(worker)
         # read once: the main process may set the next epoch while this one's last batches are made

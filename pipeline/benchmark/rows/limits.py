@@ -37,6 +37,7 @@ def _work_init(blobs: List[bytes], image_size: int, batch: int, train: bool, see
 
     torch.set_num_threads(1)
     uint8_ops.single_threaded()
+    uint8_ops.steady_heap()  # as the loader's workers do: no page faults from heap trimming between batches
     _STATE.clear()
     _STATE.update(
         blobs=[np.frombuffer(data, dtype=np.uint8) for data in blobs],

@@ -7,22 +7,34 @@ from typing import List
 import psutil
 import torch
 
-from pipeline.benchmark.harness import Stream, TreeMonitor
-from pipeline.benchmark.rows.common import epochs, finish, open_loader
+from pipeline.benchmark.harness import Stream, TreeMonitor, measure_stream
+from pipeline.benchmark.rows.common import epochs, open_loader
+from pipeline.benchmark.rows.paired import paired_ratio
 
 
 def row_loader(params: dict, monitor: TreeMonitor) -> List[dict]:
+    """One loader's timed windows; on a CPU then also its work limit and itself in turns
+    (`pipeline.benchmark.rows.paired`), after the row's own figures and memory are taken."""
     backend, train = params["backend"], params["train"]
     aug = "seed" if train else "none"
     loader = open_loader(params, backend, train=train, aug=aug)
     device = torch.device(params["device"])
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    close = getattr(loader, "close", lambda: None)
-    return finish(params, monitor, Stream(epochs(loader, set_epoch=True), sync=sync, close=close,
-                                          processes=max(1, params["workers"])),
-                  note=f"build_loader(backend={backend}, train={train}, aug={aug}{_decode(loader)}) on {device}, "
-                       f"{params['workers']} workers",
-                  memory="constant in dataset size: shard list + shuffle buffer")
+    stream = Stream(epochs(loader, set_epoch=True), sync=sync, processes=max(1, params["workers"]))
+    try:
+        m = measure_stream(stream, monitor, warmup=params["warmup"], batches=params["batches"],
+                           repeats=params["repeats"])
+        row = {"status": "ok", "processes": stream.processes, **m.summary(), **monitor.memory()}
+        note = f"build_loader(backend={backend}, train={train}, aug={aug}{_decode(loader)}) on {device}, " \
+               f"{params['workers']} workers"
+        if device.type == "cpu" and params.get("paired_repeats", 0) > 0:
+            row.update(paired_ratio(params, monitor, stream.batches, train=train))
+            note += (f"; in turns with its work limit: x{row['vs_work_limit_paired']:.2f} "
+                     f"(median of {len(row['paired_ratios'])} pairs: {', '.join(map(str, row['paired_ratios']))})")
+    finally:
+        getattr(loader, "close", lambda: None)()
+    row.update(note=note, memory="constant in dataset size: shard list + shuffle buffer")
+    return [row]
 
 
 # ---------------------------------------------------------------- 5b. memory over epochs
