@@ -2,12 +2,14 @@
 
 Rows, measured on the same images side by side, each in a fresh process (so peak memory is the
 row's own): (1) read only: raw tar streaming; (2) decode-only limit: libjpeg-turbo decode of the
-shard JPEGs in --workers processes; (3) the original project's per-file cv2 + float v2 loader;
-(4) naive webdataset + PIL + per-sample transforms; (5) each `build_loader` backend, train (aug
-``seed``) and eval (``none``); (6) data stall: training steps fed by the best loader vs synthetic
-tensors; (7) the packer on the folders (25% and 100% of the files) beside decode-only on the same
-files. Each row: img/s (median of --repeats timed windows after --warmup batches), ratios to the
-decode-only limit and to the original baseline, peak RSS of the process tree, CPU %.
+shard JPEGs in --workers processes (and nvJPEG on cuda); (2b) the train and eval work limits: the
+least work each loader must do (decode, resize or augment, float output) in --workers processes;
+(3) the original project's per-file cv2 + float v2 loader; (4) naive webdataset + PIL +
+per-sample transforms; (5) each `build_loader` backend, train (aug ``seed``) and eval (``none``);
+(6) data stall: training steps fed by the best loader vs synthetic tensors; (7) the packer on the
+folders (25% and 100% of the files) beside decode-only on the same files. Each row: img/s (median
+of --repeats timed windows after --warmup batches), ratios to the decode-only limit, to the
+original baseline and (loaders) to their own work limit, peak RSS of the process tree, CPU %.
 
     python pipeline/bench.py --data PACK_OUT --images-real DIR --images-fake DIR --json bench.json --plot bench.png
 """
@@ -36,8 +38,9 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "original", "wds", "loaders", "memory", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "memory", "stall", "pack")
 BACKENDS = ("dali", "torch")
+DECODES = ("auto", "cpu", "gpu")
 
 
 def _cpus() -> int:
@@ -85,6 +88,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="device of the loader and model rows; auto = cuda when available")
     g.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
                    help=f"build_loader backends to time, comma-separated from {','.join(BACKENDS)}")
+    g.add_argument("--decode", type=_csv(DECODES), default=["auto"],
+                   help="where the torch backend decodes, comma-separated from auto,cpu,gpu (gpu: nvJPEG, CUDA only; "
+                        "auto = gpu on cuda): one set of torch loader rows per entry")
     g.add_argument("--batch-size", type=_positive("--batch-size"), default=64, help="images per batch in every row")
     g.add_argument("--image-size", type=_positive("--image-size", 8), default=224, help="output side in pixels")
     g.add_argument("--workers", type=_positive("--workers", 0), default=_cpus(),
@@ -129,21 +135,29 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
         add(dict(kind="read", names=["read"], labels=["1 read only (tar stream)"], group="io"))
     if "decode" in args.rows:
         add(dict(kind="decode", names=["decode"], labels=["2 decode-only limit"], group="limit"))
+        if dev == "cuda":
+            add(dict(kind="decode_gpu", names=["decode_gpu"], labels=["2 decode-only, nvJPEG (cuda)"], group="limit"))
     if "original" in args.rows:
         add(dict(kind="original", names=["original"], labels=["3 original project (folders)"], group="baseline"))
     if "wds" in args.rows:
         add(dict(kind="wds", names=["wds"], labels=["4 naive webdataset + PIL"], group="naive"))
+    if "limits" in args.rows:  # right before the loader rows: measured as close in time as can be
+        add(dict(kind="limit_train", names=["limit_train"], labels=["2b train work limit (decode+aug+float)"],
+                 group="limit", extra=dict(train=True)))
+        add(dict(kind="limit_eval", names=["limit_eval"], labels=["2b eval work limit (decode+resize+float)"],
+                 group="limit", extra=dict(train=False)))
     if "loaders" in args.rows:
-        for backend in args.backends:
+        for backend, decode, tag in _loader_variants(args):
             for train in (True, False):
                 mode = "train aug=seed" if train else "eval aug=none"
-                add(dict(kind="loader", names=[f"{backend}_{'train' if train else 'eval'}"],
-                         labels=[f"5 {backend} {mode} ({dev})"], group="loader",
-                         extra=dict(backend=backend, train=train)))
+                add(dict(kind="loader", names=[f"{backend}_{'train' if train else 'eval'}{tag}"],
+                         labels=[f"5 {backend} {mode}{tag.replace('_', ' ')} ({dev})"], group="loader",
+                         extra=dict(backend=backend, train=train, decode=decode)))
     if "memory" in args.rows:
-        for backend in args.backends:
-            add(dict(kind="epochs", names=[f"{backend}_epochs"], labels=[f"5b {backend} {args.memory_epochs} epochs, memory ({dev})"],
-                     group="memory", extra=dict(backend=backend)))
+        for backend, decode, tag in _loader_variants(args):
+            add(dict(kind="epochs", names=[f"{backend}_epochs{tag}"],
+                     labels=[f"5b {backend} {args.memory_epochs} epochs, memory{tag.replace('_', ' ')} ({dev})"],
+                     group="memory", extra=dict(backend=backend, decode=decode)))
     if "stall" in args.rows:
         add(dict(kind="stall", names=["stall_synthetic", "stall_fed"],
                  labels=[f"6 {args.model} steps, synthetic ({dev})", f"6 {args.model} steps, fed by loader ({dev})"],
@@ -157,15 +171,28 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
     return plan
 
 
+def _loader_variants(args: argparse.Namespace) -> List[tuple]:
+    """``(backend, decode, name tag)`` of the loader rows: the torch backend once per --decode entry
+    (tagged ``_decode_X`` when there are several), DALI once (it decodes where it decodes)."""
+    out = []
+    for backend in args.backends:
+        decodes = args.decode if backend == "torch" else ["auto"]
+        for decode in decodes:
+            out.append((backend, decode, f"_decode_{decode}" if len(decodes) > 1 else ""))
+    return out
+
+
 def precheck(spec: dict, args: argparse.Namespace) -> Optional[str]:
     """Why a row cannot run here (checked before starting its process), or None."""
     if spec["kind"] in ("original", "pack", "decode_files") and not args.images_real:
         return "needs --images-real and --images-fake (the image folders that were packed)"
-    if spec["kind"] in ("loader", "epochs", "stall") and args.device == "cuda":
+    if spec["kind"] in ("loader", "epochs", "stall", "decode_gpu") and args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             return "--device cuda but CUDA is not available here"
+    if spec.get("extra", {}).get("decode") == "gpu" and args.device != "cuda":
+        return "--decode gpu needs --device cuda (nvJPEG)"
     return None
 
 
@@ -210,7 +237,8 @@ def _run_rows(args: argparse.Namespace, base: dict) -> List[dict]:
         params = {**base, **spec.get("extra", {})}
         if spec["kind"] == "stall":
             loaders = [r for r in rows if r.get("group") == "loader" and r.get("train") and r.get("status") == "ok"]
-            params["stall_backend"] = max(loaders, key=lambda r: r["img_s"])["backend"] if loaders else None
+            best = max(loaders, key=lambda r: r["img_s"]) if loaders else {}
+            params["stall_backend"], params["decode"] = best.get("backend"), best.get("decode", "auto")
         reason = precheck(spec, args)
         if not reason and spec["kind"] == "stall" and not params["stall_backend"]:
             reason = "no train loader row ran ok in this run (--rows loaders), so nothing can feed the model"
@@ -253,7 +281,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except DataError as e:
         logger.error("%s", e)
         return 2
-    base = {k: v for k, v in vars(args).items() if k not in ("rows", "backends", "json", "plot")}
+    base = {k: v for k, v in vars(args).items() if k not in ("rows", "backends", "decode", "json", "plot")}
     logger.info("deepfake-bench: %d shard(s) of split %r, batch %d, %d px, %d workers, device %s",
                 len(shards.shards), args.split, args.batch_size, args.image_size, args.workers, args.device)
     rows = _run_rows(args, base)
@@ -264,7 +292,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "tool": "deepfake-bench", "version": VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "args": {**vars(args), "rows": args.rows, "backends": args.backends},
+        "args": {**vars(args), "rows": args.rows, "backends": args.backends, "decode": args.decode},
         "machine": _machine(args.device),
         "data": {"split": args.split, "shards": len(shards.shards), "num_samples": shards.num_samples},
         "rows": rows, "summary": summary,

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint
-from pipeline.data.contract import BACKEND_CHOICES, LoaderSpec
+from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
@@ -85,6 +85,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="loader backend for --data: dali, torch, or auto (default: dali on CUDA when DALI is "
                         "installed, else torch)")
     g.add_argument("--batch-size", type=int, default=128, help="images per forward pass")
+    g.add_argument("--decode", default="auto", choices=DECODE_CHOICES,
+                   help="torch backend with --data: decode in the workers (cpu) or with nvJPEG on the GPU (gpu); "
+                        "auto = gpu on CUDA, cpu otherwise")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
     add_scoring_arg(g)
     g.add_argument("--set", action="append", default=[], type=parse_set, metavar="NAME=REAL_DIR,FAKE_DIR",
@@ -158,7 +161,8 @@ def log_table(report: dict) -> None:
 def _spec(args: argparse.Namespace, size: int) -> LoaderSpec:
     return LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
                       batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
-                      storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir)
+                      storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir,
+                      decode=args.decode)
 
 
 def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fake=None, need_items: bool = False):

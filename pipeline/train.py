@@ -34,7 +34,7 @@ from typing import List, Optional
 
 from model import INPUT_FILTERS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
 from pipeline.augment.config import PREPROCESS, PRESETS
-from pipeline.data.contract import BACKEND_CHOICES
+from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES
 from pipeline.scoring.cli import OneLineParser
 from pipeline.scoring.outputs import shown
 from pipeline.training.config import FAKES, LOSSES, OPTIMIZERS, PRECISIONS, RECIPES, SCHEDULES, TrainConfig
@@ -64,6 +64,9 @@ def _add_data_args(p: argparse.ArgumentParser, d) -> None:
                    help="loader backend: dali (nvJPEG + GPU ops; CPU pipeline without CUDA), torch (shard stream + "
                         "DataLoader workers; augments on the GPU, or in the workers on a CPU), or auto (default: dali "
                         "on CUDA when DALI is installed, else torch, the faster one on a CPU)")
+    g.add_argument("--decode", default=d["decode"].default, choices=DECODE_CHOICES,
+                   help="torch backend: decode the JPEGs in the workers (cpu) or with nvJPEG on the GPU (gpu: workers only "
+                        "read and batch the bytes); auto = gpu on CUDA, cpu otherwise")
     g.add_argument("--workers", type=int, default=d["workers"].default, help="loader worker processes per rank (torch backend) / DALI threads")
     g.add_argument("--image-size", type=int, default=d["image_size"].default, help=f"square input side in px ({MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE})")
 

@@ -14,8 +14,8 @@ from pipeline.bench import get_args_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_ROWS = [
-    "read", "decode", "original", "wds", "dali_train", "dali_eval", "torch_train", "torch_eval",
-    "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
+    "read", "decode", "original", "wds", "limit_train", "limit_eval", "dali_train", "dali_eval", "torch_train",
+    "torch_eval", "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
 ]
 TINY = ["--batch-size", "4", "--image-size", "32", "--warmup", "1", "--batches", "2", "--repeats", "1",
         "--workers", "1", "--stall-warmup", "1", "--stall-steps", "1", "--decode-samples", "16",
@@ -54,6 +54,15 @@ def test_every_row_on_tiny_shards(packed, tmp_path):
         if name.endswith("_epochs"):  # memory over whole epochs: one reading per epoch
             assert len(row["pss_per_epoch_mb"]) == 3 and min(row["pss_per_epoch_mb"]) > 0, row
             assert row["timed_images"] == 3 * (len(row["rss_per_epoch_mb"]) and row["timed_images"] // 3), row
+    # the work-limit rows ran, and each loader row is set against its own limit
+    for name in ("limit_train", "limit_eval"):
+        assert rows[name]["status"] == "ok" and rows[name]["img_s"] > 0 and rows[name]["processes"] == 1, rows[name]
+    for name, row in rows.items():
+        if row["group"] in ("loader", "memory") and row["status"] == "ok":
+            want = "limit_train" if row.get("train", True) else "limit_eval"
+            assert row["work_limit"] == want and row["vs_work_limit"] > 0, row
+            assert report["summary"]["vs_work_limit"][name] == row["vs_work_limit"]
+    assert report["summary"]["work_limit_train_img_s"] == rows["limit_train"]["img_s"]
     # the figures are each row's own, not copies of one another
     assert rows["decode"]["vs_decode"] == 1.0 and rows["original"]["vs_original"] == 1.0
     assert rows["read"]["mb_s"] > 0

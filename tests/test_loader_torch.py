@@ -273,3 +273,190 @@ def test_resolve_backend():
     assert resolve_backend("auto", "cuda") == expected  # no CUDA needed to decide
     with pytest.raises(ValueError, match="auto, dali, torch"):
         build_loader(LoaderSpec("unused", "val", backend="fast", train=False))
+
+
+# ---------------------------------------------------------------- hand-off (pipeline.data.handoff)
+@pytest.mark.timeout(180)
+def test_cpu_batches_come_finished_in_recycled_slabs(packed):
+    ld = loader(packed, "train", train=True, workers=2, batch_size=4)
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        for b in ld:
+            assert b.images.dtype == torch.float32 and b.images.shape == (4, 3, SIZE, SIZE)
+            assert b.images.is_contiguous(memory_format=torch.channels_last)
+            assert b.images.min() >= LOW - 1e-4 and b.images.max() <= HIGH + 1e-4
+    from pipeline.data.handoff import LENT
+
+    pool = ld._own[1]
+    assert pool.fresh == 0, "a consumer that drops each batch must never need a fresh one"
+    assert not (pool.writer.busy == LENT).any(), "every batch handed out was given back"
+    ld.close()
+
+
+@pytest.mark.timeout(180)
+def test_batches_kept_by_the_consumer_are_never_overwritten(packed):
+    ld = loader(packed, "train", train=True, workers=2, batch_size=4)
+    copies = [(b.ids, b.images.clone(), b.labels.clone()) for b in ld]  # each batch dropped at once
+    kept = list(ld)  # every batch held: the workers run out of free slabs and send fresh ones
+    assert ld._own[1].fresh > 0
+    assert len(kept) == len(copies)
+    for (ids, images, labels), b in zip(copies, kept):
+        assert b.ids == ids and torch.equal(b.images, images) and torch.equal(b.labels, labels)
+
+
+@pytest.mark.timeout(180)
+def test_persistent_workers_follow_set_epoch_and_nested_iterations(packed):
+    """The workers persist across epochs (the epoch reaches them through shared memory): each epoch
+    is what a fresh loader gives for it; an iteration opened while another runs gets its own workers."""
+    ld = loader(packed, "train", train=True, workers=2, batch_size=4)
+    ids = {}
+    for epoch in (0, 1, 0):
+        ld.set_epoch(epoch)
+        ids.setdefault(epoch, []).append([b.ids for b in ld])
+    assert ids[0][0] == ids[0][1] and ids[0][0] != ids[1][0]
+    fresh = loader(packed, "train", train=True, workers=2, batch_size=4)
+    fresh.set_epoch(1)
+    assert [b.ids for b in fresh] == ids[1][0]
+    ld.set_epoch(0)
+    outer = iter(ld)
+    first = next(outer)
+    inner = [b.ids for b in ld]  # while `outer` is open
+    assert inner == ids[0][0] and [first.ids] + [b.ids for b in outer] == ids[0][0]
+    for x in (ld, fresh):
+        x.close()
+
+
+# ---------------------------------------------------------------- GPU decode (pipeline.data.encoded)
+def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Difference of two normalised batches in 8-bit levels (the largest STD turns 1 level into 1/255/0.229)."""
+    return (a.cpu() - b.cpu()).abs() * 255 * min(STD)
+
+
+def _decode_paths(data, split, *, aug, device="cpu", decode_device="cpu", size=40, batch_size=8):
+    """The same spec through the CPU path and the GPU-decode path (on ``decode_device``)."""
+    from pipeline.data.shards import resolve_shards
+
+    spec = LoaderSpec(data, split, device="cpu", batch_size=batch_size, image_size=size, train=True,
+                      aug=AugConfig.preset(aug), num_workers=2, backend="torch")
+    shards = resolve_shards(spec.data, spec.split)
+    gpu_spec = spec.replace(device=device, decode="gpu") if device != "cpu" else spec
+    return TorchLoader(spec, shards), TorchLoader(gpu_spec, shards, decode_device=decode_device)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("aug", ["none", "seed"])
+def test_gpu_decode_assembly_on_cpu_matches_cpu_path(packed, aug):
+    """Workers ship JPEG bytes, the main process decodes (torchvision on the CPU here), resizes and
+    augments the batch as on a GPU: the same batches as the workers' own decode, within a level
+    (eval: the same decoder, the same resize) or two (train: float warp vs OpenCV's uint8 warp)."""
+    cpu, encoded = _decode_paths(packed, "train", aug=aug)
+    assert encoded.mode == "encoded" and cpu.mode == "finish"
+    n = 0
+    for a, b in zip(cpu, encoded):
+        assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+        levels = _levels(a.images, b.images)
+        assert levels.max() <= (1.0 if aug == "none" else 2.0) and levels.mean() <= 0.3, (aug, levels.max())
+        n += 1
+    assert n == len(cpu) > 0
+
+
+def _mixed_format_pack(tmp_path: Path) -> Path:
+    """A pack whose samples are JPEG, PNG and WebP of three different sizes."""
+    real, fake = make_image_dirs(tmp_path / "images", n_real=6, n_fake=6, size=40, seed=4)
+    rng = np.random.default_rng(9)
+    for i, size in enumerate((40, 52, 64)):
+        write_image(real / f"extra{i}.png", make_face(rng, size))
+        write_image(fake / f"extra{i}.webp", make_face(rng, size, fake=True), lossless=True)
+        write_image(real / f"big{i}.jpg", make_face(rng, size + 8))
+    return pack_dirs(real, fake, tmp_path / "shards", "--val-fraction", "0.5", "--shard-size", "4")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_gpu_decode_batch_with_png_webp_and_mixed_sizes_on_cpu(tmp_path):
+    data = _mixed_format_pack(tmp_path)
+    for split in ("train", "val"):
+        cpu, encoded = _decode_paths(data, split, aug="none", size=32, batch_size=4)
+        for a, b in zip(cpu, encoded):
+            assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+            assert _levels(a.images, b.images).max() <= 1.0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_decode_batch_rows_of_every_kind(tmp_path):
+    """`decode_batch` directly: JPEGs of two sizes and pixel rows, each in its own place."""
+    import cv2
+
+    from pipeline.augment import uint8_ops
+    from pipeline.data.encoded import batch_rows, decode_batch, encode_batch
+
+    rng = np.random.default_rng(3)
+    images = [make_face(rng, s) for s in (24, 40, 24)]
+    jpegs = [cv2.imencode(".jpg", cv2.cvtColor(im, cv2.COLOR_RGB2BGR))[1].tobytes() for im in images]
+    png = make_face(rng, 30)
+    batch = encode_batch([jpegs[0], png, jpegs[1], jpegs[2]], 16)
+    out = decode_batch(batch_rows(batch), ["a", "b", "c", "d"], 16, torch.device("cpu"), "hint")
+    assert out.shape == (4, 3, 16, 16) and out.dtype == torch.uint8
+    expect = np.empty((4, 16, 16, 3), np.uint8)
+    uint8_ops.resize_into([uint8_ops.decode(jpegs[0]), png, uint8_ops.decode(jpegs[1]), uint8_ops.decode(jpegs[2])],
+                          expect)
+    assert (out.permute(0, 2, 3, 1).int() - torch.from_numpy(expect).int()).abs().max() <= 1
+
+
+def test_decode_batch_names_an_undecodable_sample(tmp_path):
+    from pipeline.data.encoded import JPEG_MAGIC, batch_rows, decode_batch, encode_batch
+
+    batch = encode_batch([JPEG_MAGIC + bytes(100)], 16)
+    with pytest.raises(DataError, match=r"sample k1\.jpg: cannot decode it.*--verify"):
+        decode_batch(batch_rows(batch), ["k1"], 16, torch.device("cpu"), "run deepfake-inspect OUT --verify")
+
+
+def test_gpu_decode_leaves_crops_and_self_blending_to_the_workers(packed):
+    """Crops and self-blended pseudo-fakes need the decoded pixels in the worker: no encoded path then."""
+    from pipeline.data.shards import resolve_shards
+
+    shards = resolve_shards(str(packed), "train")
+    for aug in (AugConfig.preset("artifact"), AugConfig.preset("seed", self_blend=0.5)):
+        spec = LoaderSpec(packed, "train", device="cpu", batch_size=4, image_size=SIZE, train=True, aug=aug,
+                          num_workers=0, backend="torch")
+        ld = TorchLoader(spec, shards, decode_device="cpu")
+        assert ld.mode == "finish" and ld.decode_device is None
+        assert len(next(iter(ld)).ids) == 4
+
+
+def test_decode_flag_is_checked():
+    assert LoaderSpec("x", "val", train=False).decode == "cpu"
+    assert LoaderSpec("x", "val", train=False, device="cuda").decode == "gpu"  # no CUDA needed to decide
+    with pytest.raises(ValueError, match=r"--decode gpu: needs a CUDA --device"):
+        LoaderSpec("x", "val", train=False, decode="gpu")
+    with pytest.raises(ValueError, match=r"--decode 'fast': choose one of auto, cpu, gpu"):
+        LoaderSpec("x", "val", train=False, decode="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("aug", ["none", "seed"])
+def test_gpu_decode_path_matches_cpu_path(packed, aug):
+    """nvJPEG decode + GPU resize/augmentation vs the workers' CPU decode + uint8 augmentation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cpu, gpu = _decode_paths(packed, "train", aug=aug, device="cuda", decode_device=None)
+    assert gpu.mode == "encoded" and gpu.decode_device.type == "cuda"
+    for a, b in zip(cpu, gpu):
+        assert b.images.device.type == "cuda" and a.ids == b.ids and torch.equal(a.labels, b.labels.cpu())
+        levels = _levels(a.images, b.images)  # nvJPEG and libjpeg-turbo differ by a few levels (NOTES.md)
+        assert levels.max() <= 6.0 and levels.mean() <= 0.6, (aug, levels.max(), levels.mean())
+
+
+@pytest.mark.gpu
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_gpu_decode_batch_with_png_samples_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    data = _mixed_format_pack(tmp_path)
+    for split in ("train", "val"):
+        cpu, gpu = _decode_paths(data, split, aug="none", device="cuda", decode_device=None, size=32, batch_size=4)
+        for a, b in zip(cpu, gpu):
+            assert a.ids == b.ids and b.images.device.type == "cuda"
+            assert _levels(a.images, b.images).max() <= 6.0

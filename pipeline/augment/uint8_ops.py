@@ -19,8 +19,9 @@ antialias), and the augmented half of the samples would then differ from the oth
 than the augmentation.
 
 The parameters are the same `pipeline.augment.params.AugParams` the batch version uses, drawn by the same
-`draw_params`. What is left for the main process is `normalize_hwc`: one table lookup per byte
-(``cv2.LUT``, uint8 -> float32 normalised) instead of a float conversion plus two passes.
+`draw_params`. The float output is `normalize_into` (or `normalize_hwc`): one table lookup per
+byte (``cv2.LUT``, uint8 -> float32 normalised) instead of a float conversion plus two passes,
+which the torch backend's workers write straight into a shared-memory batch (`pipeline.data.handoff`).
 """
 from __future__ import annotations
 
@@ -228,7 +229,18 @@ def normalize_hwc(batch: torch.Tensor, pool: Optional[BufferPool] = None) -> tor
                          f"on {batch.device}")
     n, h, w, _ = batch.shape
     out = pool.empty((n, h, w, 3)) if pool is not None else torch.empty((n, h, w, 3), dtype=torch.float32)
-    if n:
-        src = batch.contiguous().numpy().reshape(n * h, w, 3)
-        cv2.LUT(src, _NORMALIZE_TABLE, dst=out.numpy().reshape(n * h, w, 3))
+    normalize_into(batch.contiguous().numpy(), out.numpy())
     return out.permute(0, 3, 1, 2)
+
+
+def normalize_into(images: np.ndarray, out: np.ndarray) -> None:
+    """uint8 [N, H, W, 3] ``images`` -> normalised float32 written into ``out`` (same shape, C-contiguous,
+    e.g. a shared-memory batch): the `normalize_hwc` table lookup without an allocation."""
+    if images.dtype != np.uint8 or out.dtype != np.float32 or images.shape != out.shape or images.ndim != 4 \
+            or images.shape[-1] != 3 or not out.flags.c_contiguous:
+        raise ValueError(f"expected uint8 N x H x W x 3 images and a C-contiguous float32 output of the same shape, "
+                         f"got {images.dtype} {images.shape} -> {out.dtype} {out.shape}")
+    n, h, w, _ = images.shape
+    if n:
+        src = np.ascontiguousarray(images).reshape(n * h, w, 3)
+        cv2.LUT(src, _NORMALIZE_TABLE, dst=out.reshape(n * h, w, 3))

@@ -16,15 +16,32 @@ def _rate(rows: Dict[str, dict], name: str) -> Optional[float]:
     return r["img_s"] if r and r.get("status") == "ok" and r.get("img_s") else None
 
 
+def limit_name(row: dict) -> Optional[str]:
+    """The work-limit row a loader row is measured against (``limit_train`` for train loaders and the
+    memory rows, which run train epochs; ``limit_eval`` for eval loaders), or None for other rows."""
+    if row.get("group") == "memory":
+        return "limit_train"
+    if row.get("group") == "loader":
+        return "limit_train" if row.get("train") else "limit_eval"
+    return None
+
+
 def add_ratios(rows: List[dict]) -> dict:
-    """Add ``vs_decode`` and ``vs_original`` to every measured row; return the run's summary."""
+    """Add ``vs_decode`` and ``vs_original`` to every measured row and ``vs_work_limit`` to the loader
+    rows; return the run's summary."""
     named = _by_name(rows)
     decode, original = _rate(named, "decode"), _rate(named, "original")
+    vs_limit = {}
     for r in rows:
         if r.get("status") != "ok":
             continue
         r["vs_decode"] = round(r["img_s"] / decode, 3) if decode else None
         r["vs_original"] = round(r["img_s"] / original, 3) if original else None
+        limit = limit_name(r)
+        if limit:
+            rate = _rate(named, limit)
+            r["work_limit"] = limit
+            r["vs_work_limit"] = vs_limit[r["name"]] = round(r["img_s"] / rate, 3) if rate else None
     loaders = [r for r in rows if r.get("group") == "loader" and r.get("train") and r.get("status") == "ok"]
     best = max(loaders, key=lambda r: r["img_s"]) if loaders else None
     summary = {
@@ -33,7 +50,12 @@ def add_ratios(rows: List[dict]) -> dict:
         "best_train_loader_img_s": best["img_s"] if best else None,
         "best_vs_decode": best.get("vs_decode") if best else None,
         "best_vs_original": best.get("vs_original") if best else None,
+        "work_limit_train_img_s": _rate(named, "limit_train"), "work_limit_eval_img_s": _rate(named, "limit_eval"),
+        "vs_work_limit": vs_limit,
     }
+    gpu = _rate(named, "decode_gpu")
+    if gpu:
+        summary["decode_gpu_img_s"] = gpu
     fed = named.get("stall_fed")
     if fed and fed.get("status") == "ok":
         summary["stall_percent"] = fed["stall_percent"]
@@ -58,16 +80,18 @@ def _fmt(v, spec: str = ",.0f") -> str:
 
 def table(rows: List[dict]) -> str:
     """A Markdown table: one line per row, skipped/failed rows with their reason."""
-    head = ("| row | img/s | MB/s | × decode-only | × original | peak PSS / RSS MB | CPU % | procs | notes |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    head = ("| row | img/s | MB/s | × decode-only | × work limit | × original | peak PSS / RSS MB | CPU % | procs "
+            "| notes |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     lines = [head]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['label']} | {r['status']} | | | | | | | {r.get('reason', '')} |")
+            lines.append(f"| {r['label']} | {r['status']} | | | | | | | | {r.get('reason', '')} |")
             continue
         lines.append(
             f"| {r['label']} | {_fmt(r['img_s'])} | {_fmt(r.get('mb_s'), ',.1f')} | {_fmt(r.get('vs_decode'), '.2f')} | "
-            f"{_fmt(r.get('vs_original'), '.2f')} | {_fmt(r.get('peak_pss_mb'), ',.0f')} / {_fmt(r.get('peak_rss_mb'), ',.0f')} | "
+            f"{_fmt(r.get('vs_work_limit'), '.2f')} | {_fmt(r.get('vs_original'), '.2f')} | "
+            f"{_fmt(r.get('peak_pss_mb'), ',.0f')} / {_fmt(r.get('peak_rss_mb'), ',.0f')} | "
             f"{_fmt(r.get('cpu_percent'), '.0f')} | {r.get('processes', '')} | {r.get('note', '')} |"
         )
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from pipeline.augment.config import AugConfig
 
 BACKENDS = ("dali", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
+DECODE_CHOICES = ("auto", "cpu", "gpu")
 
 
 class Batch(NamedTuple):
@@ -99,6 +100,9 @@ class LoaderSpec:
         cache_dir: local folder for remote shards: the torch backend downloads each shard there once
             (verified) instead of streaming it every epoch; DALI, which reads local files only,
             always downloads remote shards (here, or in `default_cache_dir`).
+        decode: where the torch backend decodes the JPEGs: ``cpu`` (its workers) or ``gpu`` (nvJPEG in
+            the main process, CUDA devices only); ``auto`` is replaced by ``gpu`` on CUDA, else ``cpu``.
+            DALI decodes with nvJPEG on CUDA and on the CPU otherwise, whatever this says.
         fakes: ``all``, or ``sbi-only``: training leaves the split's fakes out (reals and their
             self-blended pseudo-fakes only; needs ``aug.self_blend`` > 0). Evaluation always reads all.
     """
@@ -118,6 +122,7 @@ class LoaderSpec:
     storage_options: Optional[dict] = None
     cache_dir: Optional[str] = None
     fakes: str = "all"
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -135,6 +140,10 @@ class LoaderSpec:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):
             raise ValueError(f"--device {self.device!r}: expected cpu, cuda or cuda:N") from None
+        if self.decode not in DECODE_CHOICES:
+            raise ValueError(f"--decode {self.decode!r}: choose one of {', '.join(DECODE_CHOICES)}")
+        if self.decode == "gpu" and device.type != "cuda":
+            raise ValueError(f"--decode gpu: needs a CUDA --device (nvJPEG), got {device}; use --decode cpu or auto")
         aug = self.aug
         if aug is None:
             aug = AugConfig.preset("seed" if self.train else "none")
@@ -147,6 +156,8 @@ class LoaderSpec:
         if self.backend == "auto" and backend == "dali" and dali_unsupported(aug):
             backend = "torch"  # auto never picks a backend that cannot do what was asked
         object.__setattr__(self, "backend", backend)
+        if self.decode == "auto":
+            object.__setattr__(self, "decode", "gpu" if device.type == "cuda" else "cpu")
 
     def replace(self, **changes) -> "LoaderSpec":
         """A copy with some fields changed (validated again), e.g. the val spec from the train spec."""

@@ -14,18 +14,23 @@ the middle of, which is read and skipped, not decoded).
 * eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once so that every
   rank yields the same number of batches of the same sizes (drop repeats by id).
 
-Workers read the tar members (`pipeline.data.tar_reader`), decode (OpenCV, RGB), draw each sample's
-augmentation parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank,
-worker)``) and write uint8 HWC images straight into a shared-memory batch. What runs where depends
-on the device:
+Workers read the tar members (`pipeline.data.sample_source`), draw each sample's augmentation
+parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank, worker)``) and,
+depending on the device and ``spec.decode``, take each batch this far (``mode``):
 
-* CUDA: workers only resize (`pipeline.augment.uint8_ops.resize_into`); the main process copies the uint8
-  batch to the GPU (pinned, non-blocking) and augments it there with the workers' parameters
-  (`pipeline.augment.batch_ops.apply_params`), in float, then normalises.
-* CPU: the same cores do all the work wherever it runs, so workers also apply the augmentation,
-  per sample in uint8 (`pipeline.augment.uint8_ops.process_into`: one OpenCV warp, no float), and the main
-  process only normalises (`pipeline.augment.uint8_ops.normalize_hwc`: one table lookup per byte). The
+* CPU (``finish``): the same cores do all the work wherever it runs, so the workers do all of it:
+  decode (OpenCV, RGB), resize and augment per sample in uint8 (`pipeline.augment.uint8_ops.process_into`:
+  one OpenCV warp, no float), then write the normalised float32 straight into a recycled
+  shared-memory batch (`pipeline.data.handoff`); the main process only hands the tensor on. The
   images come out channels-last (an NCHW tensor with NHWC memory), which CPU convolutions take as is.
+* CUDA, ``decode="cpu"`` (``resize``): workers decode and resize to uint8
+  (`pipeline.augment.uint8_ops.resize_into`) in a shared-memory batch; the main process copies it to
+  the GPU (pinned, non-blocking) and augments it there with the workers' parameters
+  (`pipeline.augment.batch_ops.apply_params`), in float, then normalises.
+* CUDA, ``decode="gpu"`` (``encoded``, the default on CUDA): workers only read and batch the JPEG
+  bytes (non-JPEG samples are decoded and resized by the worker); the main process decodes the
+  batch with nvJPEG and resizes it on the GPU (`pipeline.data.encoded`), then augments and
+  normalises as above. float work stays on the GPU; only uint8 or encoded bytes cross processes.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by
 reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no
@@ -43,7 +48,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -57,10 +62,13 @@ from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from pipeline.augment.self_blend import pseudo_fake_or_real
 from pipeline.data import tar_reader
+from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
-from pipeline.data.sample_source import Piece, SampleSource, check_sample, plan_pieces
+from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
+from pipeline.data.sample_source import Piece, SampleSource, plan_pieces
 from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
 from pipeline.data.tar_reader import TarFormatError
+from shard_tools.format import IMAGE_EXTS
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +91,32 @@ def _exn_text(exn: BaseException) -> str:
 
 
 class _ShardStream(IterableDataset):
-    """One rank's samples for one epoch as uint8 batches ``(images NHWC, labels, ids, params)``.
+    """One rank's samples for one epoch as batches ``(images, labels, ids, params)``.
 
-    ``finish``: apply the augmentation in the workers (CPU runs); otherwise only resize and ship the
-    drawn parameters (a [N, K] float64 tensor, `pipeline.augment.params.params_to_tensor`) for the device.
+    ``mode`` says how far the workers take each batch: ``finish`` (CPU runs) decode, augment and
+    normalise into a slab (`pipeline.data.handoff`); ``resize`` (CUDA, CPU decode) decode and resize
+    to uint8 and ship the drawn parameters (`pipeline.augment.params.params_to_tensor`) for the device;
+    ``encoded`` (GPU decode) ship the JPEG bytes and the parameters (`pipeline.data.encoded`).
     """
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
-                 batch_size: int, train: bool, aug: AugConfig, finish: bool, seed: int, epoch: int, rank: int,
-                 world_size: int, reals_only: bool = False) -> None:
+                 batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
+                 rank: int, world_size: int, reals_only: bool = False) -> None:
         super().__init__()
         self.reals_only = reals_only
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
-        self.aug, self.finish = aug, finish
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.aug, self.mode, self.writer = aug, mode, writer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        # set by the main process before each epoch; persistent workers read it when the epoch starts
+        self.epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+        self._epoch: Optional[int] = None  # the epoch being read, in the process reading it
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this process is reading (fixed when its pass begins), else the one set last."""
+        return int(self.epoch_box[0]) if self._epoch is None else self._epoch
 
     def pieces(self, worker: int, num_workers: int) -> List[Piece]:
         order = list(range(len(self.shards)))
@@ -116,7 +135,7 @@ class _ShardStream(IterableDataset):
 
     def decode(self, sample: dict) -> Tuple[np.ndarray, int, str]:
         key, url = sample["__key__"], sample.get("__url__", "?")
-        ext, label = check_sample(sample, self.source.hint)
+        ext, label = _ext_label(sample)
         try:
             image = uint8_ops.decode(sample[ext]) if sample[ext] else None
         except cv2.error as exn:
@@ -134,22 +153,44 @@ class _ShardStream(IterableDataset):
         image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend)
         return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
 
-    def process(self, samples: List[dict], generator: torch.Generator) -> tuple:
-        """Decode one batch of raw samples into a new uint8 [N, S, S, 3] batch (shared memory in a worker)."""
+    def process(self, samples: List[dict], generator: torch.Generator, worker: int) -> tuple:
+        """One batch of raw samples -> ``(images, labels, ids, params)`` as ``mode`` says; labels and
+        params as numpy arrays (pickled with the message, not a shared-memory segment each)."""
+        n, size = len(samples), self.image_size
+        params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
+        shipped = params_to_tensor(params).numpy() if params is not None and self.mode != "finish" else np.empty((n, 0))
+        if self.mode == "encoded":  # JPEG bytes as they are; anything else decoded here
+            metas = [_ext_label(s) for s in samples]
+            payloads = [s[ext] if is_jpeg(s[ext]) else self.decode(s)[0] for s, (ext, _) in zip(samples, metas)]
+            labels = np.array([m[1] for m in metas], dtype=np.uint8)
+            return encode_batch(payloads, size), labels, [s["__key__"] for s in samples], shipped
         decoded = [self.decode(s) for s in samples]
         if self.train and self.aug.self_blend > 0:
             decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
-        n, size = len(decoded), self.image_size
-        params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
-        images = _new_batch((n, size, size, 3))
-        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=self.aug.preprocess == "crop",
-                               finish=self.finish)
-        shipped = params_to_tensor(params) if params is not None and not self.finish else torch.empty(n, 0)
-        return images, torch.tensor([d[1] for d in decoded], dtype=torch.uint8), [d[2] for d in decoded], shipped
+        labels = np.array([d[1] for d in decoded], dtype=np.uint8)
+        ids = [d[2] for d in decoded]
+        crop = self.aug.preprocess == "crop"
+        if self.mode == "finish":
+            scratch = self._scratch(n)
+            uint8_ops.process_into([d[0] for d in decoded], scratch, params, crop=crop)
+            return self.writer.write(scratch, worker), labels, ids, shipped
+        images = new_shared((n, size, size, 3), torch.uint8)
+        uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=crop, finish=False)
+        return images, labels, ids, shipped
+
+    def _scratch(self, n: int) -> np.ndarray:
+        """This process's uint8 batch that the augmentation writes before the float goes to a slab."""
+        if getattr(self, "_uint8", None) is None:
+            self._uint8 = np.empty((self.batch_size, self.image_size, self.image_size, 3), dtype=np.uint8)
+        return self._uint8[:n]
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.writer is not None:  # slabs of the last epoch that never reached the main process
+            self.writer.free_stale(worker)
+        # read once: the main process may set the next epoch while this one's last batches are made
+        self._epoch = epoch = int(self.epoch_box[0])
         pieces = self.pieces(worker, num_workers)
         items = [{"piece": p} for p in pieces]
         stages = [lambda: iter(items), self.read_pieces]  # a bare list would be taken as a list of stages
@@ -158,11 +199,11 @@ class _ShardStream(IterableDataset):
         if self.train:
             n = sum(p.stop - p.start for p in pieces)
             buf = max(1, min(SHUFFLE_BUFFER, n))
-            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+            rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, "samples"))
             stages.append(wds.shuffle(buf, buf, rng=rng))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, worker, "aug"))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, worker, "aug"))
         stages += [wds.batched(self.batch_size, collation_fn=list, partial=True),
-                   wds.map(lambda samples: self.process(samples, generator))]
+                   wds.map(lambda samples: self.process(samples, generator, worker))]
         try:
             yield from wds.DataPipeline(*stages)
         except DataError as exn:
@@ -172,13 +213,10 @@ class _ShardStream(IterableDataset):
             yield _Failure(f"loading samples from {where} failed: {_exn_text(exn)}")
 
 
-def _new_batch(shape: Tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; in a DataLoader worker, in shared memory (as ``default_collate``
-    allocates its batches), so that sending it to the main process copies nothing."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+def _ext_label(sample: dict) -> Tuple[str, int]:
+    """Image member and label of a sample that `SampleSource.samples` has checked already (checking
+    it twice cost ~8% of the whole per-sample work)."""
+    return next(e for e in IMAGE_EXTS if e in sample), int(sample["cls"].strip())
 
 
 def count_samples(shard: str) -> int:
@@ -198,19 +236,35 @@ def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
 
 
 class TorchLoader:
-    """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract."""
+    """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract.
 
-    def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
+    ``decode_device``: decode the JPEGs of each batch in the main process on this device
+    (`pipeline.data.encoded`) instead of where ``spec.decode`` says (``gpu``: ``spec.device``, ``cpu``:
+    the workers); ``"cpu"`` runs the GPU-decode path with torchvision's CPU decoder (tests).
+    """
+
+    def __init__(self, spec: LoaderSpec, shardset: ShardSet, *,
+                 decode_device: Optional[Union[str, torch.device]] = None) -> None:
         self.spec, self.shardset = spec, shardset
         self.shards = list(shardset.shards)
         self.sizes = _shard_sizes(spec.data, shardset)
         self.source = SampleSource(hint=shardset.hint(), storage_options=shardset.storage_options,
                                    cache_dir=spec.cache_dir)
         self.device = spec.device
+        if decode_device is None and spec.decode == "gpu":
+            decode_device = spec.device
+        if decode_device is not None and (spec.aug.preprocess == "crop" or (spec.train and spec.aug.self_blend > 0)):
+            logger.info("torch backend: the workers decode (crop preprocessing and self-blending need the pixels "
+                        "on the CPU), not --decode gpu")
+            decode_device = None
+        self.decode_device = torch.device(decode_device) if decode_device is not None else None
+        self.mode = ("encoded" if self.decode_device is not None
+                     else "resize" if self.device.type == "cuda" else "finish")
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.epoch = 0
-        self.pool = uint8_ops.BufferPool()
+        self._own: Optional[tuple] = None  # (stream, slabs, persistent DataLoader): see _open
+        self._active = 0  # iterations open now
         self.split_samples = sum(self.sizes)
         self.own = rank_share(self.split_samples, self.rank, self.world_size)
         self.steps = check_split_size(spec, self._train_samples(spec, shardset))
@@ -239,28 +293,74 @@ class TorchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _batches(self, epoch: int) -> Iterator[tuple]:
-        """uint8 batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval."""
+    def _make(self, persistent: bool) -> tuple:
+        """``(stream, slab pool or None, DataLoader or None)`` for this loader's settings."""
+        pool = SlabPool(self.num_workers, (self.batch_size, self.image_size, self.image_size, 3)) \
+            if self.mode == "finish" else None
         stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
-                              batch_size=self.batch_size, train=self.train, aug=self.aug,
-                              finish=self.device.type != "cuda", seed=self.seed, epoch=epoch, rank=self.rank,
+                              batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
+                              writer=pool.writer if pool else None, seed=self.seed, rank=self.rank,
                               world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only")
+        dl = None if self.num_workers == 0 else DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
+            collate_fn=as_sent, persistent_workers=persistent)
+        return stream, pool, dl
+
+    def _open(self, epoch: int) -> Tuple[Iterator, Optional[SlabPool], Callable[[], None]]:
+        """This epoch's worker batches, and what to call when the epoch is over.
+
+        The loader's own workers persist from epoch to epoch (no fork and start-up per epoch; the
+        epoch reaches them through shared memory); while another iteration of this loader is still
+        open, this one gets workers and slabs of its own, shut down at its end.
+        """
         uint8_ops.single_threaded()  # before the workers fork (see there)
-        source = iter(stream) if self.num_workers == 0 else iter(DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
-        ))
+        shared = self._active == 0
+        if shared and self._own is None:
+            self._own = self._make(persistent=True)
+        stream, pool, dl = self._own if shared else self._make(persistent=False)
+        stream.epoch_box[0] = epoch
+        source = iter(stream) if dl is None else iter(dl)
+        if shared:
+            return source, pool, lambda: None
+        return source, pool, getattr(source, "_shutdown_workers", lambda: None)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (they also stop when the loader is garbage collected)."""
+        own, self._own = self._own, None
+        iterator = getattr(own[2], "_iterator", None) if own is not None and own[2] is not None else None
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+    def _batches(self, epoch: int) -> Iterator[tuple]:
+        """Batches of exactly ``batch_size`` (eval: the last may be smaller), padded for eval: float32
+        NHWC finished by the workers on a CPU, uint8 NHWC resized (and the drawn parameters) on CUDA."""
+        source, pool, close = self._open(epoch)
+        self._active += 1
+        try:
+            yield from self._assemble(source, pool)
+        finally:
+            self._active -= 1
+            close()
+
+    def _assemble(self, source: Iterator, pool: Optional[SlabPool]) -> Iterator[tuple]:
         pending: List[tuple] = []
         seen = emitted = 0
         first: Optional[tuple] = None
         for item in source:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
-            if first is None:
-                first = item
-            seen += item[0].shape[0]
+            images, labels, ids, params = item
+            if pool is not None:
+                images = pool.lend(images)
+            elif self.mode == "encoded":
+                images = batch_rows(images)
+            item = (images, torch.from_numpy(labels), ids, torch.from_numpy(params))
+            if first is None:  # a copy of one row, not a hold on the whole batch (a slab) all epoch
+                first = tuple(c[:1] if isinstance(c, list) else c[:1].clone() for c in item)
+            seen += len(ids)
             pending.append(item)
-            while sum(p[0].shape[0] for p in pending) >= self.batch_size:
-                batch, pending = _take(pending, self.batch_size)
+            while sum(len(p[0]) for p in pending) >= self.batch_size:
+                batch, pending = take(pending, self.batch_size)
                 yield batch
                 emitted += 1
                 if self.train and emitted == self.steps:
@@ -272,40 +372,22 @@ class TorchLoader:
             raise DataError(f"rank {self.rank} ran out of samples after {emitted} of {self.steps} batches")
         pad = self.padded - seen
         if pad and first is not None:
-            pending.append(tuple(c[:1] * pad if isinstance(c, list) else c[:1].repeat_interleave(pad, 0)
-                                 for c in first))
+            pending.append(tuple(c * pad if isinstance(c, list) else c.repeat_interleave(pad, 0) for c in first))
         while pending:
-            batch, pending = _take(pending, self.batch_size)
+            batch, pending = take(pending, self.batch_size)
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
-        cuda = self.device.type == "cuda"
         for images, labels, ids, params in self._batches(self.epoch):
-            if not cuda:  # the workers augmented already (pipeline.augment.uint8_ops)
-                yield Batch(uint8_ops.normalize_hwc(images, self.pool), labels.float(), ids)
+            if self.mode == "finish":  # finished by the workers (pipeline.data.handoff): only the NCHW view is left
+                yield Batch(images.permute(0, 3, 1, 2), labels.float(), ids)
                 continue
-            if not images.is_pinned():
-                images = images.pin_memory()
-            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            if self.mode == "encoded":
+                x = decode_batch(images, ids, self.image_size, self.decode_device, self.source.hint)
+            else:
+                if not images.is_pinned():
+                    images = images.pin_memory()
+                x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            x = apply_params(x, params_from_tensor(params), self.image_size) if params.shape[1] else x.float()
             labels = labels.to(self.device, non_blocking=True).float()
-            if params.shape[1]:
-                x = apply_params(x, params_from_tensor(params), self.image_size)
-            yield Batch(normalize_(x.float()), labels, ids)
-
-
-def _take(pending: List[tuple], n: int) -> Tuple[tuple, List[tuple]]:
-    """Split ``n`` samples (or all, if fewer) off the front of a list of batches (tuples of tensors
-    and lists, one row per sample); no copy for a whole one."""
-    if pending[0][0].shape[0] == n or (len(pending) == 1 and pending[0][0].shape[0] < n):
-        return pending[0], pending[1:]
-    parts, rest, left = [], list(pending), n
-    while rest and left:
-        batch = rest.pop(0)
-        k = min(left, batch[0].shape[0])
-        parts.append(tuple(c[:k] for c in batch))
-        if k < batch[0].shape[0]:
-            rest.insert(0, tuple(c[k:] for c in batch))
-        left -= k
-    merged = tuple([row for p in parts for row in p[i]] if isinstance(parts[0][i], list)
-                   else torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
-    return merged, rest
+            yield Batch(normalize_(x).to(self.device, non_blocking=True), labels, ids)

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 from model import INPUT_FILTERS, list_models, validate_kwargs
 from pipeline.augment.config import PREPROCESS, PRESETS, AugConfig
-from pipeline.data.contract import BACKEND_CHOICES, check_image_size
+from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
 from shard_tools.storage import parse_storage_options
 
@@ -58,6 +58,7 @@ class TrainConfig:
     self_blend: float = 0.0
     fakes: str = "all"
     backend: str = "auto"
+    decode: str = "auto"
     workers: int = 2
     grad_accum: int = 1
     seed: int = 0
@@ -102,6 +103,7 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"--aug {self.aug}: {e}") from None
         choice("backend", self.backend, BACKEND_CHOICES)
+        choice("decode", self.decode, DECODE_CHOICES)
         if self.recipe is not None:
             choice("recipe", self.recipe, tuple(RECIPES))
         if self.mixed_precision is not None:

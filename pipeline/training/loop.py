@@ -48,7 +48,7 @@ class _Setup:
                           batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
                           storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir,
-                          fakes=cfg.fakes)
+                          fakes=cfg.fakes, decode=cfg.decode)
         self.train_loader = build_loader(spec)
         self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
                                                      fakes="all"))

@@ -117,7 +117,7 @@ def open_loader(params: dict, backend: str, *, train: bool, aug: str):
         return build_loader(LoaderSpec(params["data"], params["split"], train=train, backend=backend,
                                        device=params["device"], batch_size=params["batch_size"],
                                        image_size=params["image_size"], aug=aug, seed=params["seed"],
-                                       num_workers=params["workers"]))
+                                       num_workers=params["workers"], decode=params.get("decode", "auto")))
     except ImportError as e:
         raise SkipRow(f"backend {backend!r} not available: {e}") from e
 

@@ -5,7 +5,7 @@ import collections
 import itertools
 import multiprocessing as mp
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 
@@ -67,18 +67,20 @@ def _decode_batch(start: int, size: int, from_files: bool) -> int:
     return size
 
 
-def decode_stream(items: list, params: dict, *, from_files: bool) -> Stream:
-    """Decode batches of ``items`` in --workers processes, keeping 2 batches per worker in flight."""
+def pool_stream(params: dict, init: Callable, initargs: tuple, fn: Callable, args: Callable[[int], tuple]) -> Stream:
+    """Batches of ``fn(*args(start))`` in --workers pool processes (each set up by ``init(*initargs)``),
+    keeping 2 batches per worker in flight; ``fn`` returns the images it did. No data comes back:
+    the row measures the work, not a hand-off."""
     workers = max(1, params["workers"])
     batch = params["batch_size"]
-    pool = mp.get_context().Pool(workers, initializer=_decode_init, initargs=(items, from_files))
+    pool = mp.get_context().Pool(workers, initializer=init, initargs=initargs)
 
     def gen() -> Iterator[Tuple[int, int]]:
         pending: collections.deque = collections.deque()
         start = 0
         while True:
             while len(pending) < 2 * workers:
-                pending.append(pool.apply_async(_decode_batch, (start, batch, from_files)))
+                pending.append(pool.apply_async(fn, args(start)))
                 start += batch
             yield pending.popleft().get(), 0
 
@@ -87,6 +89,13 @@ def decode_stream(items: list, params: dict, *, from_files: bool) -> Stream:
         pool.join()
 
     return Stream(gen(), close=close, processes=workers)
+
+
+def decode_stream(items: list, params: dict, *, from_files: bool) -> Stream:
+    """Decode batches of ``items`` in --workers processes, keeping 2 batches per worker in flight."""
+    batch = params["batch_size"]
+    return pool_stream(params, _decode_init, (items, from_files), _decode_batch,
+                       lambda start: (start, batch, from_files))
 
 
 def row_decode(params: dict, monitor: TreeMonitor) -> List[dict]:
@@ -104,3 +113,36 @@ def row_decode_files(params: dict, monitor: TreeMonitor) -> List[dict]:
                   note=f"read + decode_jpeg of the {len(items)} folder files (what the packer must do), "
                        f"{max(1, params['workers'])} processes",
                   memory="grows with the number of files: the path list (~100 B per file)")
+
+
+def row_decode_gpu(params: dict, monitor: TreeMonitor) -> List[dict]:
+    """nvJPEG decode-only: the same encoded images, one ``decode_jpeg(list, device="cuda")`` per batch."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline.benchmark.rows.common import cuda_check
+
+    cuda_check("cuda")
+    images = load_shard_images(shard_paths(params), params["decode_samples"])
+    blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in images]
+    jpegs = [b for b in blobs if b[:2].tolist() == [0xFF, 0xD8]]
+    if not jpegs:
+        from pipeline.benchmark.harness import SkipRow
+
+        raise SkipRow("no JPEG samples among the decode-only row's images")
+    batch = params["batch_size"]
+    device = torch.device("cuda")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+
+    def gen() -> Iterator[Tuple[int, int]]:
+        for start in itertools.count(0, batch):
+            chunk = [jpegs[i % len(jpegs)] for i in range(start, start + batch)]
+            decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
+            yield batch, 0
+
+    monitor.reset_peak()
+    return finish(params, monitor, Stream(gen(), sync=lambda: torch.cuda.synchronize(device)),
+                  note=f"torchvision.io.decode_jpeg(list, device='cuda') (nvJPEG) of {len(jpegs)} JPEGs of the "
+                       f"decode-only row, {batch} per call, in the main process, no resize",
+                  memory=f"bounded: at most --decode-samples={params['decode_samples']} encoded images")

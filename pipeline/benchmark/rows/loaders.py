@@ -20,7 +20,7 @@ def row_loader(params: dict, monitor: TreeMonitor) -> List[dict]:
     close = getattr(loader, "close", lambda: None)
     return finish(params, monitor, Stream(epochs(loader, set_epoch=True), sync=sync, close=close,
                                           processes=max(1, params["workers"])),
-                  note=f"build_loader(backend={backend}, train={train}, aug={aug}) on {device}, "
+                  note=f"build_loader(backend={backend}, train={train}, aug={aug}{_decode(loader)}) on {device}, "
                        f"{params['workers']} workers",
                   memory="constant in dataset size: shard list + shuffle buffer")
 
@@ -54,9 +54,16 @@ def row_epochs(params: dict, monitor: TreeMonitor) -> List[dict]:
     return [{"status": "ok", "img_s": n / dt, "img_s_repeats": [round(n / dt, 2)], "mb_s": None, "cpu_percent": cpu,
              "timed_images": n, "processes": max(1, params["workers"]), **mem,
              "pss_per_epoch_mb": per_epoch_pss, "rss_per_epoch_mb": per_epoch_rss, "pss_growth_mb": growth,
-             "note": f"{params['memory_epochs']} whole train epochs of build_loader(backend={backend}, aug=seed) on "
+             "note": f"{params['memory_epochs']} whole train epochs of build_loader(backend={backend}, aug=seed"
+                     f"{_decode(loader)}) on "
                      f"{device}; PSS of the process tree at each epoch end: {per_epoch_pss} MB",
              "memory": f"PSS change from the first to the last epoch end: {growth:+.1f} MB"}]
+
+
+def _decode(loader) -> str:
+    """``, decode=X`` for the torch backend (where it decodes), nothing for DALI."""
+    spec = getattr(loader, "spec", None)
+    return f", decode={spec.decode}" if spec is not None and spec.backend == "torch" else ""
 
 
 def _tree_mb(monitor: TreeMonitor, kind: str) -> float:

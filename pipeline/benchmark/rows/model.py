@@ -96,25 +96,27 @@ def row_stall(params: dict, monitor: TreeMonitor) -> List[dict]:
                              **timing).summary()
     finally:
         getattr(loader, "close", lambda: None)()
-    return _stall_rows(params, backend, device, channels_last, common, synth, synth_mem, fed, waits,
+    feed = {"backend": backend, "decode": loader.spec.decode}
+    return _stall_rows(params, feed, device, channels_last, common, synth, synth_mem, fed, waits,
                        timing["batches"] * timing["repeats"], monitor.memory())
 
 
-def _stall_rows(params: dict, backend: str, device, channels_last: bool, common: dict, synth: dict,
+def _stall_rows(params: dict, feed: dict, device, channels_last: bool, common: dict, synth: dict,
                 synth_mem: dict, fed: dict, waits: List[float], timed_steps: int, fed_mem: dict) -> List[dict]:
     """The two rows of the stall measurement: synthetic steps, and the same steps fed by the loader."""
     timed_wall = sum(fed["timed_images"] / len(fed["img_s_repeats"]) / v for v in fed["img_s_repeats"])
     wait_pct = 100.0 * sum(waits[-timed_steps:]) / timed_wall if timed_wall > 0 else None
     stall = 100.0 * (1.0 - fed["img_s"] / synth["img_s"])
+    decode = f", decode={feed['decode']}" if feed["backend"] == "torch" else ""
     return [
         {"status": "ok", "processes": 1, **synth, **common, **synth_mem,
          "note": f"train steps of {params['model']} ({params['precision']}, {common['threads']} threads) "
                  f"on synthetic {'channels-last ' if channels_last else ''}tensors on {device}",
          "memory": "constant: model, optimizer state, one batch"},
-        {"status": "ok", "processes": 1 + params["workers"], **fed, **common, "backend": backend,
+        {"status": "ok", "processes": 1 + params["workers"], **fed, **common, **feed,
          "stall_percent": round(stall, 1), "data_wait_percent": None if wait_pct is None else round(wait_pct, 1),
          **fed_mem,
-         "note": f"the same steps fed by build_loader(backend={backend}, aug=seed): stall {stall:.1f}% "
+         "note": f"the same steps fed by build_loader(backend={feed['backend']}, aug=seed{decode}): stall {stall:.1f}% "
                  f"(1 - fed/synthetic), time waiting for data {wait_pct or 0:.1f}%",
          "memory": "constant: model + loader (peak includes the synthetic phase)"},
     ]
