@@ -162,7 +162,7 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
             add(dict(kind="epochs", names=[f"{backend}_epochs{tag}"],
                      labels=[f"5b {backend} {args.memory_epochs} epochs, memory{tag.replace('_', ' ')} ({dev})"],
                      group="memory", extra=dict(backend=backend, decode=decode)))
-    if "remote" in args.rows:
+    if "remote" in args.rows and args.remote_data:  # only with a URL to compare against
         add(dict(kind="remote", names=["remote_local", "remote_stream", "remote_cache"],
                  labels=[f"8 torch train, {args.memory_epochs} epochs: local pack", "8 same, from the URL, streamed",
                          "8 same, from the URL, cached"], group="remote"))
