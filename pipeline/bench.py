@@ -38,7 +38,7 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "memory", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "memory", "remote", "stall", "pack")
 BACKENDS = ("dali", "torch")
 DECODES = ("auto", "cpu", "gpu")
 
@@ -98,6 +98,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--decode-samples", type=_positive("--decode-samples"), default=2048,
                    help="encoded images held in memory and cycled by the decode-only row")
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation")
+    g.add_argument("--remote-data", default=None, metavar="URL",
+                   help="the same pack output at a URL (s3://..., https://...): the remote rows train-load it "
+                        "streamed and through a verified cache, --memory-epochs whole epochs each, next to --data")
+    g.add_argument("--storage-options", default=None, metavar="JSON", help="fsspec options for --remote-data")
     g = p.add_argument_group("timing")
     g.add_argument("--rows", type=_csv(ROW_GROUPS), default=list(ROW_GROUPS),
                    help=f"row groups to run, comma-separated from {','.join(ROW_GROUPS)}")
@@ -161,6 +165,10 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
             add(dict(kind="epochs", names=[f"{backend}_epochs{tag}"],
                      labels=[f"5b {backend} {args.memory_epochs} epochs, memory{tag.replace('_', ' ')} ({dev})"],
                      group="memory", extra=dict(backend=backend, decode=decode)))
+    if "remote" in args.rows and args.remote_data:  # only with a URL to compare against
+        add(dict(kind="remote", names=["remote_local", "remote_stream", "remote_cache"],
+                 labels=[f"8 torch train, {args.memory_epochs} epochs: local pack", "8 same, from the URL, streamed",
+                         "8 same, from the URL, cached"], group="remote"))
     if "stall" in args.rows:
         add(dict(kind="stall", names=["stall_synthetic", "stall_fed"],
                  labels=[f"6 {args.model} steps, synthetic ({dev})", f"6 {args.model} steps, fed by loader ({dev})"],

@@ -186,3 +186,20 @@ def test_server_killed_mid_epoch_is_one_line_and_no_hang(packed, tmp_path):
                 pass
     assert time.monotonic() - t0 < 30
     assert "\n" not in str(e.value) and f"{base}/faces/" in str(e.value)
+
+
+def test_bench_remote_rows_from_s3(packed, s3_bucket, tmp_path):
+    from pipeline.bench import main as bench_main
+
+    url = f"{s3_bucket}/faces"
+    _upload(packed, url)
+    out = tmp_path / "bench.json"
+    assert bench_main(["--data", str(packed), "--remote-data", url, "--rows", "remote", "--device", "cpu",
+                       "--workers", "1", "--batch-size", "4", "--image-size", "32", "--memory-epochs", "2",
+                       "--json", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["remote_local", "remote_stream", "remote_cache"]
+    for row in rows.values():
+        assert row["status"] == "ok" and len(row["img_s_repeats"]) == 2 and min(row["img_s_repeats"]) > 0
+        assert len(row["vs_local_per_epoch"]) == 2 and len(row["pss_per_epoch_mb"]) == 2
+    assert rows["remote_local"]["vs_local_per_epoch"] == [1.0, 1.0]

@@ -23,6 +23,7 @@ ROWS = {
     "epochs": ("loaders", "row_epochs"),
     "stall": ("model", "row_stall"),
     "pack": ("pack", "row_pack"),
+    "remote": ("remote", "row_remote"),
 }
 
 
