@@ -412,16 +412,20 @@ def test_decode_batch_names_an_undecodable_sample(tmp_path):
         decode_batch(batch_rows(batch), ["k1"], 16, torch.device("cpu"), "run deepfake-inspect OUT --verify")
 
 
-def test_gpu_decode_leaves_crops_and_self_blending_to_the_workers(packed):
-    """Crops and self-blended pseudo-fakes need the decoded pixels in the worker: no encoded path then."""
+def test_gpu_decode_leaves_crops_to_the_workers_and_blends_on_the_batch(packed):
+    """Crops need the decoded pixels in the worker: no encoded path then (and crops are self-blended there
+    too); whole resized images are self-blended on the device batch."""
     from pipeline.data.shards import resolve_shards
 
     shards = resolve_shards(str(packed), "train")
-    for aug in (AugConfig.preset("artifact"), AugConfig.preset("seed", self_blend=0.5)):
+    for aug, mode, on_batch in ((AugConfig.preset("artifact"), "finish", False),
+                                (AugConfig.preset("artifact", self_blend=0.5), "finish", False),
+                                (AugConfig.preset("seed", self_blend=0.5), "encoded", True)):
         spec = LoaderSpec(packed, "train", device="cpu", batch_size=4, image_size=SIZE, train=True, aug=aug,
                           num_workers=0, backend="torch")
         ld = TorchLoader(spec, shards, decode_device="cpu")
-        assert ld.mode == "finish" and ld.decode_device is None
+        assert (ld.mode, ld.blend_on_batch) == (mode, on_batch)
+        assert (ld.decode_device is None) == (mode == "finish")
         assert len(next(iter(ld)).ids) == 4
 
 

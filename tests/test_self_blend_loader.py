@@ -89,3 +89,85 @@ def test_contact_sheet_command(packed, tmp_path, capsys):
         assert im.size[0] == 4 * im.size[1] // 3  # 3 rows of 4 square tiles
     assert "pseudo-fake" in help_text(sheet_main, capsys)
     assert sheet_main(["--images", str(tmp_path / "none"), "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- the device-batch path (CUDA modes)
+def _two_paths(packed: Path, p: float = 0.5):
+    """The same spec through the workers' per-image blending (CPU ``finish`` mode) and the device-batch
+    blending of the GPU-decode mode, run here with torchvision's CPU decoder (``decode_device='cpu'``)."""
+    from pipeline.data.shards import resolve_shards
+    from pipeline.data.torch_backend import TorchLoader
+
+    spec = LoaderSpec(str(packed), "train", train=True, backend="torch", batch_size=8, image_size=48, seed=3,
+                      aug=AugConfig.preset("none", self_blend=p), num_workers=2)
+    shards = resolve_shards(spec.data, spec.split)
+    return TorchLoader(spec, shards), TorchLoader(spec, shards, decode_device="cpu")
+
+
+def _choice(key: str, seed: int = 3, epoch: int = 0, p: float = 0.5) -> int:
+    import numpy as np
+
+    from pipeline.augment.self_blend import draw_choice
+    from pipeline.data.contract import derive_seed
+
+    return draw_choice(np.random.default_rng(derive_seed(seed, epoch, key, "sbi")), p)[0]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_batch_blending_makes_the_same_pseudo_fakes_as_the_workers(packed):
+    """The GPU-mode path (workers draw the choices, the main process blends the batch) gives the same ids
+    and labels as the workers' own blending; samples left alone are the same pixels, pseudo-fakes differ
+    from them, and the two paths' pseudo-fakes are close (one blends at native size, one at output size)."""
+    import torch
+
+    from pipeline.augment.self_blend import BLEND, KEEP
+
+    workers, batch = _two_paths(packed)
+    assert workers.mode == "finish" and not workers.blend_on_batch
+    assert batch.mode == "encoded" and batch.blend_on_batch
+    seen = {KEEP: 0, BLEND: 0}
+    for a, b in zip(workers, batch):
+        assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+        for i, key in enumerate(a.ids):
+            levels = (a.images[i] - b.images[i]).abs() * 255 * 0.225
+            if key.endswith(SBI_SUFFIX):
+                assert _choice(key[: -len(SBI_SUFFIX)]) == BLEND and float(a.labels[i]) == 1.0
+                assert levels.mean() < 12, (key, float(levels.mean()))
+                seen[BLEND] += 1
+            elif float(a.labels[i]) == 1.0 or _choice(key) == KEEP:  # a true fake, or a real left alone
+                assert levels.max() <= 1.0, (key, float(levels.max()))
+                seen[KEEP] += 1
+    assert seen[KEEP] > 3 and seen[BLEND] > 3, seen
+
+
+def test_blend_batch_changes_only_the_chosen_rows_and_only_inside_the_mask():
+    import numpy as np
+    import torch
+    from helpers import make_face
+
+    from pipeline.augment.self_blend import BLEND, DEFAULT_CONFIG, KEEP, N_UNIFORMS, TRANSFORM, params_from_uniforms
+    from pipeline.augment.self_blend_batch import blend_batch, choice_table, masks_for
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([make_face(rng, 64) for _ in range(6)])).permute(0, 3, 1, 2).contiguous()
+    table = choice_table([np.random.default_rng(i) for i in range(6)], 1.0)  # p = 1: every row blends
+    table[:, 1] = 0.0  # uniform 0 < source_prob: the source is the transformed copy, the target the image
+    table[1, 0], table[4, 0] = KEEP, TRANSFORM
+    out = blend_batch(x, torch.from_numpy(table))
+    assert out.dtype == torch.uint8 and out.shape == x.shape and not torch.equal(out, x)
+    assert torch.equal(out[1], x[1]) and torch.equal(out[4], x[4])  # kept; transform of the source only
+    g = 5
+    rows = [0, 2, 3, 5]
+    p = params_from_uniforms(table[rows, 1:1 + N_UNIFORMS], table[rows, 1 + N_UNIFORMS:].reshape(-1, 2, g, g),
+                             DEFAULT_CONFIG)
+    masks = masks_for(p, 64, 64, 4, x.device)
+    for j, i in enumerate(rows):
+        assert table[i, 0] == BLEND
+        outside = masks[j] == 0
+        inside = masks[j] > 0.5 * masks[j].max()  # the peak is the blend ratio (0.25 ... 1)
+        assert outside.float().mean() > 0.2 and inside.any()
+        assert torch.equal(out[i][:, outside], x[i][:, outside])  # the image itself outside the mask
+        assert (out[i][:, inside].int() - x[i][:, inside].int()).abs().float().mean() > 0.5
+    with pytest.raises(ValueError, match=r"choice table expected"):
+        blend_batch(x, torch.zeros(6, 3))

@@ -18,8 +18,8 @@ noise up-sampled), anti-aliased, Gaussian-blurred, normalised to a peak of 1, mo
 source's warp, and scaled by a blend ratio from ``(0.25, 0.5, 0.75, 1, 1, 1)``. It is computed on
 a grid ``mask_stride`` times coarser than the image and up-sampled bilinearly (it is smooth).
 
-Randomness: uniforms drawn from the caller's generator, mapped by `params_from_uniforms` (shared
-kept separate from the drawing so that a batched implementation can share it). Seed it from (seed, epoch, sample) for determinism.
+Randomness: `draw_choice` / `sample_params` draw from the caller's generator (seed it from (seed,
+epoch, sample)); `params_from_uniforms` maps the draws, shared with `pipeline.augment.self_blend_batch`.
 """
 from __future__ import annotations
 
@@ -351,20 +351,31 @@ def self_blend_pair(image: np.ndarray, rng: np.random.Generator,
     return target, blended, mask
 
 
-def pseudo_fake_or_real(image: np.ndarray, rng: np.random.Generator, p: float,
-                        cfg: SelfBlendConfig = DEFAULT_CONFIG) -> Tuple[np.ndarray, bool]:
-    """What becomes of one *real* training image with self-blending at probability ``p``: with
-    probability ``p`` its pseudo-fake (returned with True: now labelled fake); with probability ``p``
-    only the global colour/frequency transform of a target copy (still real: so that a transformed
-    whole image never marks a fake by itself, as SBI's (target, blended) pairs ensure); else the image.
-    """
+KEEP, BLEND, TRANSFORM = 0, 1, 2  # what self-blending does to one real sample (`draw_choice`)
+
+
+def draw_choice(rng: np.random.Generator, p: float, cfg: SelfBlendConfig = DEFAULT_CONFIG
+                ) -> Tuple[int, Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(choice, uniforms, noise)`` of one *real* training sample at self-blending probability ``p``:
+    ``BLEND`` (a pseudo-fake) with probability ``p``; ``TRANSFORM`` (the global transform of a target copy
+    alone: it stays real, so a transformed image never marks a fake, as SBI's (target, blended) pairs
+    ensure) with probability ``min(p, 1 - p)``; else ``KEEP``. Both paths draw here."""
     u = rng.random()
     if u >= 2 * p:
+        return KEEP, None, None
+    g = cfg.elastic_grid
+    return (BLEND if u < p else TRANSFORM), rng.random(N_UNIFORMS), rng.standard_normal((2, g, g))
+
+
+def pseudo_fake_or_real(image: np.ndarray, rng: np.random.Generator, p: float,
+                        cfg: SelfBlendConfig = DEFAULT_CONFIG) -> Tuple[np.ndarray, bool]:
+    """One real image after `draw_choice`: its pseudo-fake (with True), its transformed copy, or itself."""
+    choice, u, noise = draw_choice(rng, p, cfg)
+    if choice == KEEP:
         return image, False
-    params = sample_params(rng, cfg)
-    if u < p:
-        blended, _, _ = apply_params(_checked(image), params, cfg)
-        return blended, True
+    params = params_from_uniforms(u, noise, cfg)
+    if choice == BLEND:
+        return apply_params(_checked(image), params, cfg)[0], True
     return (image if bool(params["transform_source"]) else _transform_copy(_checked(image), params)), False
 
 

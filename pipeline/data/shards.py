@@ -294,3 +294,21 @@ def localize(shardset: ShardSet, cache_dir: str, *, workers: int = 8, progress: 
     return ShardSet(split=shardset.split, shards=paths[:n], indexes=paths[n:] or None,
                     shard_sizes=shardset.shard_sizes, shard_bytes=shardset.shard_bytes,
                     shard_sha256=shardset.shard_sha256, root=str(folder))
+
+
+def sample_counts(shardset: ShardSet, data: Union[str, Path]) -> List[int]:
+    """Samples per shard: the manifest's counts (`resolve_shards` checked each tar's size), or for a
+    pattern of local shards counted from the tar headers with the reader's own grouping."""
+    from pipeline.data.tar_reader import TarFormatError, count_samples
+
+    if shardset.shard_sizes is not None:
+        return list(shardset.shard_sizes)
+    logger.info("counting samples in %d shards of %s (no manifest)", len(shardset.shards), data)
+    counts = []
+    for shard in shardset.shards:
+        try:
+            counts.append(count_samples(shard))
+        except (OSError, TarFormatError) as exn:
+            raise DataError(f"shard {shard}: cannot read it as a tar ({exn}); "
+                            + VERIFY_HINT.format(root=Path(shard).parent)) from None
+    return counts

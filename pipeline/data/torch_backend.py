@@ -32,6 +32,11 @@ depending on the device and ``spec.decode``, take each batch this far (``mode``)
   batch with nvJPEG and resizes it on the GPU (`pipeline.data.encoded`), then augments and
   normalises as above. float work stays on the GPU; only uint8 or encoded bytes cross processes.
 
+Self-blending (training): on a CPU and for crops the workers blend each chosen real image at native
+size (`pipeline.augment.self_blend`); in the CUDA modes they only draw the choices (label, ``KEY#sbi``)
+and the main process blends the batch on the GPU (`pipeline.augment.self_blend_batch`). Choices come
+from ``(seed, epoch, key)`` either way.
+
 The sample counts come from the manifest; for a pattern of local shards they are counted by
 reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no
 rank can know its equal share of steps. Order depends on ``(seed, epoch, world_size,
@@ -47,7 +52,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import cv2
@@ -60,14 +64,13 @@ from pipeline.augment import uint8_ops
 from pipeline.augment.batch_ops import apply_params, normalize_
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
-from pipeline.augment.self_blend import pseudo_fake_or_real
-from pipeline.data import tar_reader
-from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
+from pipeline.augment.self_blend import BLEND, pseudo_fake_or_real
+from pipeline.augment.self_blend_batch import blend_batch, choice_table, table_width
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
 from pipeline.data.sample_source import Piece, SampleSource, plan_pieces
-from pipeline.data.shards import VERIFY_HINT, DataError, ShardSet
-from pipeline.data.tar_reader import TarFormatError
+from pipeline.data.shards import DataError, ShardSet, sample_counts
 from shard_tools.format import IMAGE_EXTS
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,7 @@ def _exn_text(exn: BaseException) -> str:
 
 
 class _ShardStream(IterableDataset):
-    """One rank's samples for one epoch as batches ``(images, labels, ids, params)``.
+    """One rank's samples for one epoch as batches ``(images, labels, ids, params, blend table)``.
 
     ``mode`` says how far the workers take each batch: ``finish`` (CPU runs) decode, augment and
     normalise into a slab (`pipeline.data.handoff`); ``resize`` (CUDA, CPU decode) decode and resize
@@ -101,9 +104,9 @@ class _ShardStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
                  batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
-                 rank: int, world_size: int, reals_only: bool = False) -> None:
+                 rank: int, world_size: int, reals_only: bool = False, blend_on_batch: bool = False) -> None:
         super().__init__()
-        self.reals_only = reals_only
+        self.reals_only, self.blend_on_batch = reals_only, blend_on_batch
         self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.mode, self.writer = aug, mode, writer
@@ -147,36 +150,47 @@ class _ShardStream(IterableDataset):
         return image, label, key
 
     def blend(self, image: np.ndarray, label: int, key: str) -> Tuple[np.ndarray, int, str]:
-        """A real sample, maybe turned into its self-blended pseudo-fake (label 1, id ``KEY#sbi``),
-        drawn from (seed, epoch, key): the same whatever the rank, worker or batch it lands in."""
+        """A real sample, maybe its pseudo-fake (label 1, id ``KEY#sbi``), drawn from (seed, epoch, key)."""
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key, "sbi"))
         image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend)
         return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
 
+    def choose(self, labels: np.ndarray, ids: List[str]) -> Tuple[np.ndarray, List[str], np.ndarray]:
+        """``blend_on_batch``: each real sample's choice row (`self_blend_batch.choice_table`), drawn from
+        (seed, epoch, key) as `blend` draws; pseudo-fakes get label 1 and id ``KEY#sbi`` here."""
+        real = np.flatnonzero(labels == 0)
+        table = np.zeros((len(ids), table_width()))
+        table[real] = choice_table([np.random.default_rng(derive_seed(self.seed, self.epoch, ids[i], "sbi"))
+                                    for i in real], self.aug.self_blend)
+        fake = table[:, 0] == BLEND
+        return np.where(fake, 1, labels).astype(np.uint8), [k + SBI_SUFFIX if f else k for k, f in zip(ids, fake)], table
+
     def process(self, samples: List[dict], generator: torch.Generator, worker: int) -> tuple:
-        """One batch of raw samples -> ``(images, labels, ids, params)`` as ``mode`` says; labels and
-        params as numpy arrays (pickled with the message, not a shared-memory segment each)."""
+        """Raw samples -> ``(images, labels, ids, params, blend table)`` as ``mode`` says; all but the
+        images as numpy arrays (pickled with the message); the table has columns with ``blend_on_batch``."""
         n, size = len(samples), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
         shipped = params_to_tensor(params).numpy() if params is not None and self.mode != "finish" else np.empty((n, 0))
         if self.mode == "encoded":  # JPEG bytes as they are; anything else decoded here
             metas = [_ext_label(s) for s in samples]
             payloads = [s[ext] if is_jpeg(s[ext]) else self.decode(s)[0] for s, (ext, _) in zip(samples, metas)]
-            labels = np.array([m[1] for m in metas], dtype=np.uint8)
-            return encode_batch(payloads, size), labels, [s["__key__"] for s in samples], shipped
+            labels, ids = np.array([m[1] for m in metas], dtype=np.uint8), [s["__key__"] for s in samples]
+            labels, ids, table = self.choose(labels, ids) if self.blend_on_batch else (labels, ids, np.empty((n, 0)))
+            return encode_batch(payloads, size), labels, ids, shipped, table
         decoded = [self.decode(s) for s in samples]
-        if self.train and self.aug.self_blend > 0:
+        if self.train and self.aug.self_blend > 0 and not self.blend_on_batch:
             decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
         labels = np.array([d[1] for d in decoded], dtype=np.uint8)
         ids = [d[2] for d in decoded]
+        labels, ids, table = self.choose(labels, ids) if self.blend_on_batch else (labels, ids, np.empty((n, 0)))
         crop = self.aug.preprocess == "crop"
         if self.mode == "finish":
             scratch = self._scratch(n)
             uint8_ops.process_into([d[0] for d in decoded], scratch, params, crop=crop)
-            return self.writer.write(scratch, worker), labels, ids, shipped
+            return self.writer.write(scratch, worker), labels, ids, shipped, table
         images = new_shared((n, size, size, 3), torch.uint8)
         uint8_ops.process_into([d[0] for d in decoded], images.numpy(), params, crop=crop, finish=False)
-        return images, labels, ids, shipped
+        return images, labels, ids, shipped, table
 
     def _scratch(self, n: int) -> np.ndarray:
         """This process's uint8 batch that the augmentation writes before the float goes to a slab."""
@@ -221,22 +235,6 @@ def _ext_label(sample: dict) -> Tuple[str, int]:
     return next(e for e in IMAGE_EXTS if e in sample), int(sample["cls"].strip())
 
 
-def count_samples(shard: str) -> int:
-    """Samples in a local tar shard, counted from the tar headers with the reader's own grouping."""
-    try:
-        return tar_reader.count_samples(shard)
-    except (OSError, TarFormatError) as exn:
-        raise DataError(f"shard {shard}: cannot read it as a tar ({exn}); "
-                        + VERIFY_HINT.format(root=Path(shard).parent)) from None
-
-
-def _shard_sizes(data: Union[str, Path], shardset) -> List[int]:
-    if shardset.shard_sizes is not None:  # from the manifest (resolve_shards checked each tar's size)
-        return list(shardset.shard_sizes)
-    logger.info("counting samples in %d shards of %s (no manifest)", len(shardset.shards), data)
-    return [count_samples(s) for s in shardset.shards]
-
-
 class TorchLoader:
     """The ``torch`` backend of `pipeline.data.loader.build_loader`; see that module for the contract.
 
@@ -249,19 +247,23 @@ class TorchLoader:
                  decode_device: Optional[Union[str, torch.device]] = None) -> None:
         self.spec, self.shardset = spec, shardset
         self.shards = list(shardset.shards)
-        self.sizes = _shard_sizes(spec.data, shardset)
+        self.sizes = sample_counts(shardset, spec.data)
         self.source = SampleSource(hint=shardset.hint(), storage_options=shardset.storage_options,
                                    cache_dir=spec.cache_dir)
         self.device = spec.device
         if decode_device is None and spec.decode == "gpu":
             decode_device = spec.device
-        if decode_device is not None and (spec.aug.preprocess == "crop" or (spec.train and spec.aug.self_blend > 0)):
-            logger.info("torch backend: the workers decode (crop preprocessing and self-blending need the pixels "
-                        "on the CPU), not --decode gpu")
+        if decode_device is not None and spec.aug.preprocess == "crop":
+            logger.info("torch backend: the workers decode (crop preprocessing needs the pixels on the CPU), "
+                        "not --decode gpu")
             decode_device = None
         self.decode_device = torch.device(decode_device) if decode_device is not None else None
         self.mode = ("encoded" if self.decode_device is not None
                      else "resize" if self.device.type == "cuda" else "finish")
+        # self-blending on the device batch of whole images; per image in the workers on a CPU and for
+        # crops (a mask of the crop would not be a mask of the face)
+        self.blend_on_batch = (spec.train and spec.aug.self_blend > 0 and self.mode != "finish"
+                               and spec.aug.preprocess == "resize")
         self.batch_size, self.image_size, self.train, self.aug = spec.batch_size, spec.image_size, spec.train, spec.aug
         self.rank, self.world_size, self.seed = spec.rank, spec.world_size, spec.seed
         self.epoch = 0
@@ -302,7 +304,8 @@ class TorchLoader:
         stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
                               batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
                               writer=pool.writer if pool else None, seed=self.seed, rank=self.rank,
-                              world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only")
+                              world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only",
+                              blend_on_batch=self.blend_on_batch)
         dl = None if self.num_workers == 0 else DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.mode == "resize",
             collate_fn=as_sent, persistent_workers=persistent)
@@ -351,12 +354,12 @@ class TorchLoader:
         for item in source:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
-            images, labels, ids, params = item
+            images, labels, ids, params, table = item
             if pool is not None:
                 images = pool.lend(images)
             elif self.mode == "encoded":
                 images = batch_rows(images)
-            item = (images, torch.from_numpy(labels), ids, torch.from_numpy(params))
+            item = (images, torch.from_numpy(labels), ids, torch.from_numpy(params), torch.from_numpy(table))
             if first is None:  # a copy of one row, not a hold on the whole batch (a slab) all epoch
                 first = tuple(c[:1] if isinstance(c, list) else c[:1].clone() for c in item)
             seen += len(ids)
@@ -380,7 +383,7 @@ class TorchLoader:
             yield batch
 
     def __iter__(self) -> Iterator[Batch]:
-        for images, labels, ids, params in self._batches(self.epoch):
+        for images, labels, ids, params, table in self._batches(self.epoch):
             if self.mode == "finish":  # finished by the workers (pipeline.data.handoff): only the NCHW view is left
                 yield Batch(images.permute(0, 3, 1, 2), labels.float(), ids)
                 continue
@@ -390,6 +393,8 @@ class TorchLoader:
                 if not images.is_pinned():
                     images = images.pin_memory()
                 x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).contiguous()
+            if table.shape[1]:
+                x = blend_batch(x, table)
             x = apply_params(x, params_from_tensor(params), self.image_size) if params.shape[1] else x.float()
             labels = labels.to(self.device, non_blocking=True).float()
             yield Batch(normalize_(x).to(self.device, non_blocking=True), labels, ids)
