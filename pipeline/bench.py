@@ -38,7 +38,8 @@ from shard_tools.fsutil import atomic_write_json
 logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "memory", "remote", "stall", "pack")
+ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "self_blend", "memory", "remote", "stall",
+              "pack")
 BACKENDS = ("dali", "torch")
 DECODES = ("auto", "cpu", "gpu")
 
@@ -72,20 +73,30 @@ def _positive(name: str, minimum: int = 1):
     return parse
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--self-blend {text!r}: expected a probability") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"--self-blend {v}: expected a probability in (0, 1]")
+    return v
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deepfake-bench", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Loader throughput benchmark: read-only and decode-only limits, the original project's "
-                    "loader, naive webdataset, each build_loader backend, data stall and pack throughput, "
-                    "measured in one run on the same images.")
+        description="Loader throughput benchmark: read-only, decode-only and work limits, the original project's "
+                    "loader, naive webdataset, each build_loader backend (and self-blending), data stall and "
+                    "pack throughput, measured in one run on the same images.")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="pack output folder (with manifest.json) or a shard pattern")
     g.add_argument("--split", default="train", help="split of --data to read")
     g.add_argument("--images-real", default=None, help="folder of real images that was packed (rows 3 and 7)")
     g.add_argument("--images-fake", default=None, help="folder of fake images that was packed (rows 3 and 7)")
     g = p.add_argument_group("loaders")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="device of the loader and model rows; auto = cuda when available")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of the loader and "
+                   "model rows; auto = cuda when available")
     g.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS),
                    help=f"build_loader backends to time, comma-separated from {','.join(BACKENDS)}")
     g.add_argument("--decode", type=_csv(DECODES), default=["auto"],
@@ -98,6 +109,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--decode-samples", type=_positive("--decode-samples"), default=2048,
                    help="encoded images held in memory and cycled by the decode-only row")
     g.add_argument("--seed", type=int, default=0, help="seed of shuffling and augmentation")
+    g.add_argument("--self-blend", type=_probability, default=0.5, metavar="P", help="self-blending probability "
+                   "of row 9b (the torch train loader with it, in turns with the same loader without it: row 9)")
     g.add_argument("--remote-data", default=None, metavar="URL",
                    help="the same pack output at a URL (s3://..., https://...): the remote rows train-load it "
                         "streamed and through a verified cache, --memory-epochs whole epochs each, next to --data")
@@ -115,6 +128,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="seconds after which a row's process is killed and the row reported as failed")
     g.add_argument("--memory-epochs", type=_positive("--memory-epochs"), default=3,
                    help="whole training epochs per backend in the memory row (PSS recorded at each epoch end)")
+    _add_stall_pack_output(p)
+    return p
+
+
+def _add_stall_pack_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (data stall row)")
     g.add_argument("--model", default=None,
                    help="model of the stall row; default deepfakenet_tiny on cpu, deepfakenet_base on cuda")
@@ -130,7 +148,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, help="write every row, the summary and the settings to this JSON file")
     g.add_argument("--plot", default=None, help="write a bar chart of img/s per row to this PNG file")
-    return p
 
 
 def plan_rows(args: argparse.Namespace) -> List[dict]:
@@ -160,6 +177,10 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
                 add(dict(kind="loader", names=[f"{backend}_{'train' if train else 'eval'}{tag}"],
                          labels=[f"5 {backend} {mode}{tag.replace('_', ' ')} ({dev})"], group="loader",
                          extra=dict(backend=backend, train=train, decode=decode)))
+    if "self_blend" in args.rows and "torch" in args.backends:
+        add(dict(kind="self_blend", names=["sbi_off", "sbi_on"],
+                 labels=[f"9 torch train aug=seed ({dev}), in turns with 9b",
+                         f"9b same, --self-blend {args.self_blend} ({dev})"], group="self_blend"))
     if "memory" in args.rows:
         for backend, decode, tag in _loader_variants(args):
             add(dict(kind="epochs", names=[f"{backend}_epochs{tag}"],

@@ -15,7 +15,7 @@ from pipeline.bench import get_args_parser, main
 REPO = Path(__file__).resolve().parents[1]
 ALL_ROWS = [
     "read", "decode", "original", "wds", "limit_train", "limit_eval", "dali_train", "dali_eval", "torch_train",
-    "torch_eval", "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
+    "torch_eval", "sbi_off", "sbi_on", "dali_epochs", "torch_epochs", "stall_synthetic", "stall_fed", "pack_25", "pack_100", "decode_files",
 ]
 TINY = ["--batch-size", "4", "--image-size", "32", "--warmup", "1", "--batches", "2", "--repeats", "1",
         "--workers", "1", "--stall-warmup", "1", "--stall-steps", "1", "--decode-samples", "16",
@@ -66,6 +66,10 @@ def test_every_row_on_tiny_shards(packed, tmp_path):
             assert min(row["paired_img_s"]) > 0 and min(row["paired_work_limit_img_s"]) > 0, row
             assert report["summary"]["vs_work_limit"][name] == row["vs_work_limit"]
     assert report["summary"]["work_limit_train_img_s"] == rows["limit_train"]["img_s"]
+    # self-blending on, in turns with the same loader without it: a ratio per pair, pseudo-fakes counted
+    sbi = rows["sbi_on"]
+    assert sbi["self_blend"] == 0.5 and sbi["vs_no_self_blend"] > 0 and len(sbi["self_blend_ratios"]) == 1, sbi
+    assert 0 < sbi["pseudo_fake_share"] < 1 and rows["sbi_off"]["img_s"] > 0
     # the figures are each row's own, not copies of one another
     assert rows["decode"]["vs_decode"] == 1.0 and rows["original"]["vs_original"] == 1.0
     assert rows["read"]["mb_s"] > 0

@@ -21,6 +21,7 @@ ROWS = {
     "wds": ("baselines", "row_wds"),
     "loader": ("loaders", "row_loader"),
     "epochs": ("loaders", "row_epochs"),
+    "self_blend": ("self_blend", "row_self_blend"),
     "stall": ("model", "row_stall"),
     "pack": ("pack", "row_pack"),
     "remote": ("remote", "row_remote"),

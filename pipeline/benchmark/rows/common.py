@@ -107,16 +107,19 @@ def cuda_check(device: str) -> None:
         raise SkipRow("--device cuda but CUDA is not available here")
 
 
-def open_loader(params: dict, backend: str, *, train: bool, aug: str):
-    """`build_loader`, with a missing backend module/library turned into a skip reason."""
+def open_loader(params: dict, backend: str, *, train: bool, aug: str, **aug_fields):
+    """`build_loader` with preset ``aug`` (fields overridden by ``aug_fields``), with a missing
+    backend module/library turned into a skip reason."""
     cuda_check(params["device"])
     try:
+        from pipeline.augment.config import AugConfig
         from pipeline.data.contract import LoaderSpec
         from pipeline.data.loader import build_loader
 
+        config = AugConfig.preset(aug, **aug_fields)
         return build_loader(LoaderSpec(params["data"], params["split"], train=train, backend=backend,
                                        device=params["device"], batch_size=params["batch_size"],
-                                       image_size=params["image_size"], aug=aug, seed=params["seed"],
+                                       image_size=params["image_size"], aug=config, seed=params["seed"],
                                        num_workers=params["workers"], decode=params.get("decode", "auto")))
     except ImportError as e:
         raise SkipRow(f"backend {backend!r} not available: {e}") from e
