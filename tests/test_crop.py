@@ -136,3 +136,64 @@ def test_npr_checkpoint_scores_the_same_in_evaluate_and_onnx(packed, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     got = sess.run(["p_fake"], {"image": x.numpy()})[0].ravel()
     assert np.allclose(got, want, atol=1e-5)
+
+
+# ---------------------------------------------------------------- both backends
+def _mixed_size_pack(tmp_path):
+    """PNG faces (exact decode in both backends) of sizes above and below a 32 px crop, odd and even."""
+    rng = np.random.default_rng(0)
+    real, fake = tmp_path / "real", tmp_path / "fake"
+    for i, s in enumerate((64, 71, 20, 40, 33, 90)):
+        write_image(real / f"r{i}.png", make_face(rng, s))
+        write_image(fake / f"f{i}.png", make_face(rng, s + 1, fake=True))
+    return pack_dirs(real, fake, tmp_path / "pack", "--shard-size", "4", "--min-shards", "1", "--val-fraction", "0.5",
+                     "--min-size", "8")
+
+
+def _pixels(x: torch.Tensor) -> np.ndarray:
+    from pipeline.augment.config import MEAN, STD
+
+    return np.rint((x.permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)) * 255)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_both_backends_crop_source_pixels_at_even_offsets_and_pad_small_images(tmp_path, backend):
+    """Eval: the centre crop (of the reflection-padded image when it is smaller), exactly; train
+    (flips, down-scaling, blur and JPEG off): a window of the padded image at even offsets, exactly."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    from pipeline.data.folders import read_item, shard_items
+    from shard_tools.imageio import load_rgb
+
+    packed = _mixed_size_pack(tmp_path)
+    no_resampling = AugConfig.preset("artifact", downscale_prob=0.0, blur_prob=0.0, jpeg_prob=0.0, hflip=0.0)
+    seen = set()
+    for split, train, aug in (("val", False, AugConfig.preset("none", preprocess="crop")), ("train", True, no_resampling)):
+        spec = LoaderSpec(str(packed), split, train=train, backend=backend, batch_size=2, image_size=32, num_workers=1,
+                          aug=aug)
+        loader = build_loader(spec)
+        items = {it.path: it for it in shard_items(loader.shardset.shards)}
+        for batch in loader:
+            for key, x in zip(batch.ids, batch.images):
+                src, got = load_rgb(read_item(items[key])), _pixels(x)
+                seen.add((split, min(src.shape[:2]) < 32))
+                padded = pad_to(src, 32)
+                if not train:
+                    assert np.array_equal(got, crop(src, 32)), (backend, key, src.shape)
+                    continue
+                hits = [(y, x0) for y in range(0, padded.shape[0] - 31) for x0 in range(0, padded.shape[1] - 31)
+                        if np.array_equal(padded[y:y + 32, x0:x0 + 32], got)]
+                assert hits and all(y % 2 == 0 and x0 % 2 == 0 for y, x0 in hits[:1]), (backend, key, src.shape, hits)
+    assert ("val", True) in seen or ("train", True) in seen  # a small image was padded
+
+
+@pytest.mark.timeout(240)
+def test_dali_artifact_training_runs_with_every_op(tmp_path):
+    """Down-scaling (random interpolation), flips, blur and JPEG all drawn: batches of the right shape."""
+    pytest.importorskip("nvidia.dali")
+    packed = _mixed_size_pack(tmp_path)
+    aug = AugConfig.preset("artifact", downscale_prob=0.9, blur_prob=0.5, jpeg_prob=0.5)
+    spec = LoaderSpec(str(packed), "train", train=True, backend="dali", batch_size=2, image_size=32, aug=aug)
+    batches = list(build_loader(spec))
+    assert batches and all(tuple(b.images.shape) == (2, 3, 32, 32) and torch.isfinite(b.images).all() for b in batches)

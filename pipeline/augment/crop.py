@@ -3,7 +3,8 @@
 Training: each image is optionally down-scaled as a whole (factor and interpolation drawn per
 sample: resampling happens to real photos too, so it must not be the class), then cropped to
 ``image_size`` at even offsets drawn per sample. Evaluation: the centre crop, at an even offset.
-Images smaller than the crop are padded by reflection (by even amounts) and never up-sampled.
+Images smaller than the crop are padded by reflection (edge pixel included, by even amounts before
+the image) and never up-sampled.
 """
 from __future__ import annotations
 
@@ -36,14 +37,12 @@ def pad_to(image: np.ndarray, size: int) -> np.ndarray:
     top = 2 * ((max(0, size - h) + 3) // 4)
     left = 2 * ((max(0, size - w) + 3) // 4)
     bottom, right = max(0, size - h - top), max(0, size - w - left)
-    # cv2 reflects only once: a tiny image needs several rounds for a large pad.
+    # Mirrored with the edge pixel (BORDER_REFLECT, ``fedcba|abcdef|fedcba``), as the DALI backend's
+    # mosaic of flips; cv2 reflects only once: a tiny image needs several rounds for a large pad.
     while top or bottom or left or right:
         ph, pw = image.shape[:2]
-        t, b, lft, r = min(top, ph - 1), min(bottom, ph - 1), min(left, pw - 1), min(right, pw - 1)
-        if ph == 1 or pw == 1:  # nothing to reflect: repeat the edge
-            image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_REPLICATE)
-            break
-        image = cv2.copyMakeBorder(image, t, b, lft, r, cv2.BORDER_REFLECT_101)
+        t, b, lft, r = min(top, ph), min(bottom, ph), min(left, pw), min(right, pw)
+        image = cv2.copyMakeBorder(image, t, b, lft, r, cv2.BORDER_REFLECT)
         top, bottom, left, right = top - t, bottom - b, left - lft, right - r
     return image
 

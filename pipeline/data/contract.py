@@ -66,8 +66,6 @@ def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
 
 def dali_unsupported(aug: AugConfig) -> Optional[str]:
     """The flag the DALI backend does not implement for ``aug``, or None (it does everything else)."""
-    if aug.preprocess != "resize":
-        return f"--preprocess {aug.preprocess}"
     if aug.self_blend > 0:
         return "--self-blend"
     return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, math, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from pipeline.augment.config import MEAN, STD, AugConfig
@@ -68,6 +68,54 @@ def _resize(images, size: int):
     return fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
 
 
+# The interpolations of the random down-scaling, drawn per sample (`pipeline.augment.crop`'s list
+# has OpenCV's area, linear, cubic and Lanczos: DALI's resize antialiases every filter on down-scaling).
+DOWNSCALE_INTERPS = (types.INTERP_TRIANGULAR, types.INTERP_LINEAR, types.INTERP_CUBIC, types.INTERP_LANCZOS3)
+
+
+def _even_offset(free, fraction=None):
+    """`pipeline.augment.params.crop_offset` on per-sample nodes: an even offset in ``[0, free]`` at
+    ``fraction`` of the range (the centre without one); ``free`` <= 0 gives 0."""
+    slots = math.floor(math.max(free, 0.0) * 0.5) + 1.0
+    pick = math.floor(slots * 0.5) if fraction is None else math.min(slots - 1.0, math.floor(fraction * slots))
+    return 2.0 * pick
+
+
+def _crop(images, encoded, aug: AugConfig, size: int, train: bool):
+    """``preprocess='crop'``: a ``size`` square at native resolution (`pipeline.augment.crop`).
+
+    Training first down-scales the samples its coin picks (factor and interpolation drawn per
+    sample), then crops at even offsets drawn per sample; evaluation takes the centre crop at an
+    even offset. An image smaller than the crop is padded by reflection (edge pixel included, as
+    the torch backend's ``BORDER_REFLECT``): one mirrored copy on every side, built only for those
+    samples (a 3x3 mosaic of flips); a pad wider than the image itself is filled with zeros here
+    (the torch backend reflects again). Crops copy pixels: no resampling unless down-scaled.
+    """
+    shape = fn.cast(fn.peek_image_shape(encoded), dtype=types.FLOAT)
+    h, w = shape[0], shape[1]
+    if train and aug.downscale_prob > 0:
+        if fn.random.coin_flip(probability=aug.downscale_prob, dtype=types.BOOL):
+            factor = _uniform(aug.downscale)
+            h, w = math.max(math.floor(h * factor + 0.5), 1.0), math.max(math.floor(w * factor + 0.5), 1.0)
+            interp = fn.cast(fn.random.uniform(values=[int(i) for i in DOWNSCALE_INTERPS], dtype=types.INT32),
+                             dtype=types.INTERP_TYPE)
+            images = fn.resize(images, resize_x=w, resize_y=h, interp_type=interp, antialias=True)
+    s = float(size)
+    # the padding before the image: even (the pixel grid keeps its parity), as pipeline.augment.crop.pad_to
+    top = 2.0 * math.floor(math.max(s - h, 0.0) * 0.25 + 0.75)
+    left = 2.0 * math.floor(math.max(s - w, 0.0) * 0.25 + 0.75)
+    fy = fn.random.uniform(range=[0.0, 1.0]) if train else None
+    fx = fn.random.uniform(range=[0.0, 1.0]) if train else None
+    y, x = _even_offset(h - s, fy) - top, _even_offset(w - s, fx) - left
+    if math.min(h, w) < s:
+        fh, fv, fhv = (fn.flip(images, horizontal=a, vertical=b) for a, b in ((1, 0), (0, 1), (1, 1)))
+        edge = fn.cat(fhv, fv, fhv, axis_name="W")  # the rows above and below: mirrored vertically
+        images = fn.cat(edge, fn.cat(fh, images, fh, axis_name="W"), edge, axis_name="H")
+        y, x = y + h, x + w
+    return fn.slice(images, start=fn.cast(fn.stack(y, x), dtype=types.INT32), shape=[size, size], axis_names="HW",
+                    out_of_bounds_policy="pad", fill_values=0)
+
+
 def _augment(images, aug: AugConfig, size: int):
     """Per-sample augmentation of images already resized to ``size``.
 
@@ -111,7 +159,10 @@ def _graph(
     # "shard.tar:offset:key.ext" as bytes, zero-padded to the longest in the batch (uniform shape)
     info = fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
     images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    images = _resize(images, image_size)
+    if aug.preprocess == "crop":
+        images = _crop(images, encoded, aug, image_size, train)
+    else:
+        images = _resize(images, image_size)
     if not aug.is_identity:
         images = _augment(images, aug, image_size)
     images = fn.crop_mirror_normalize(
