@@ -197,3 +197,20 @@ def test_dali_artifact_training_runs_with_every_op(tmp_path):
     spec = LoaderSpec(str(packed), "train", train=True, backend="dali", batch_size=2, image_size=32, aug=aug)
     batches = list(build_loader(spec))
     assert batches and all(tuple(b.images.shape) == (2, 3, 32, 32) and torch.isfinite(b.images).all() for b in batches)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+def test_dali_crop_on_cuda_matches_the_cpu_pipeline(tmp_path):
+    """nvJPEG is not in play (PNG samples): the GPU graph's centre crops equal the CPU graph's."""
+    pytest.importorskip("nvidia.dali")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    packed = _mixed_size_pack(tmp_path)
+    out = {}
+    for device in ("cpu", "cuda"):
+        spec = LoaderSpec(str(packed), "val", train=False, backend="dali", device=device, batch_size=2, image_size=32,
+                          aug=AugConfig.preset("none", preprocess="crop"))
+        out[device] = {k: _pixels(x.cpu()) for b in build_loader(spec) for k, x in zip(b.ids, b.images)}
+    assert out["cpu"].keys() == out["cuda"].keys()
+    assert all(np.abs(out["cpu"][k] - out["cuda"][k]).max() <= 1 for k in out["cpu"])
