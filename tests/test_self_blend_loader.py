@@ -171,3 +171,26 @@ def test_blend_batch_changes_only_the_chosen_rows_and_only_inside_the_mask():
         assert (out[i][:, inside].int() - x[i][:, inside].int()).abs().float().mean() > 0.5
     with pytest.raises(ValueError, match=r"choice table expected"):
         blend_batch(x, torch.zeros(6, 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cuda_blends_on_the_gpu_batch_with_the_workers_choices(packed):
+    import torch
+
+    from pipeline.data.shards import resolve_shards
+    from pipeline.data.torch_backend import TorchLoader
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec = LoaderSpec(str(packed), "train", train=True, backend="torch", batch_size=8, image_size=48, seed=3,
+                      aug=AugConfig.preset("seed", self_blend=0.5), num_workers=2)
+    shards = resolve_shards(spec.data, spec.split)
+    cpu, gpu = TorchLoader(spec, shards), TorchLoader(spec.replace(device="cuda"), shards)
+    assert gpu.mode == "encoded" and gpu.blend_on_batch
+    n = 0
+    for a, b in zip(cpu, gpu):
+        assert a.ids == b.ids and torch.equal(a.labels, b.labels.cpu()) and b.images.device.type == "cuda"
+        n += sum(k.endswith(SBI_SUFFIX) for k in b.ids)
+    assert n > 0
