@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from tqdm import tqdm
 
+from pipeline.data.tar_reader import TarFormatError, count_samples
 from shard_tools import storage
 from shard_tools.format import MANIFEST, is_remote
 from shard_tools.fsutil import sha256_stream
@@ -299,8 +300,6 @@ def localize(shardset: ShardSet, cache_dir: str, *, workers: int = 8, progress: 
 def sample_counts(shardset: ShardSet, data: Union[str, Path]) -> List[int]:
     """Samples per shard: the manifest's counts (`resolve_shards` checked each tar's size), or for a
     pattern of local shards counted from the tar headers with the reader's own grouping."""
-    from pipeline.data.tar_reader import TarFormatError, count_samples
-
     if shardset.shard_sizes is not None:
         return list(shardset.shard_sizes)
     logger.info("counting samples in %d shards of %s (no manifest)", len(shardset.shards), data)

@@ -156,33 +156,33 @@ class _ShardStream(IterableDataset):
         return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
 
     def choose(self, labels: np.ndarray, ids: List[str]) -> Tuple[np.ndarray, List[str], np.ndarray]:
-        """``blend_on_batch``: each real sample's choice row (`self_blend_batch.choice_table`), drawn from
-        (seed, epoch, key) as `blend` draws; pseudo-fakes get label 1 and id ``KEY#sbi`` here."""
+        """``blend_on_batch``: each real sample's choice row (`self_blend_batch.choice_table`), drawn as `blend`
+        draws, pseudo-fakes labelled 1 and ``KEY#sbi`` here; else all as it is, a table without columns."""
+        if not self.blend_on_batch:
+            return labels, ids, np.empty((len(ids), 0))
         real = np.flatnonzero(labels == 0)
         table = np.zeros((len(ids), table_width()))
         table[real] = choice_table([np.random.default_rng(derive_seed(self.seed, self.epoch, ids[i], "sbi"))
                                     for i in real], self.aug.self_blend)
         fake = table[:, 0] == BLEND
-        return np.where(fake, 1, labels).astype(np.uint8), [k + SBI_SUFFIX if f else k for k, f in zip(ids, fake)], table
+        ids = [k + SBI_SUFFIX if f else k for k, f in zip(ids, fake)]
+        return np.where(fake, 1, labels).astype(np.uint8), ids, table
 
     def process(self, samples: List[dict], generator: torch.Generator, worker: int) -> tuple:
-        """Raw samples -> ``(images, labels, ids, params, blend table)`` as ``mode`` says; all but the
-        images as numpy arrays (pickled with the message); the table has columns with ``blend_on_batch``."""
+        """Raw samples -> ``(images, labels, ids, params, blend table)`` as ``mode`` says (all but images numpy)."""
         n, size = len(samples), self.image_size
         params = None if self.aug.is_identity else draw_params(n, self.aug, generator)
         shipped = params_to_tensor(params).numpy() if params is not None and self.mode != "finish" else np.empty((n, 0))
         if self.mode == "encoded":  # JPEG bytes as they are; anything else decoded here
             metas = [_ext_label(s) for s in samples]
             payloads = [s[ext] if is_jpeg(s[ext]) else self.decode(s)[0] for s, (ext, _) in zip(samples, metas)]
-            labels, ids = np.array([m[1] for m in metas], dtype=np.uint8), [s["__key__"] for s in samples]
-            labels, ids, table = self.choose(labels, ids) if self.blend_on_batch else (labels, ids, np.empty((n, 0)))
+            labels, ids, table = self.choose(np.array([m[1] for m in metas], dtype=np.uint8),
+                                             [s["__key__"] for s in samples])
             return encode_batch(payloads, size), labels, ids, shipped, table
         decoded = [self.decode(s) for s in samples]
         if self.train and self.aug.self_blend > 0 and not self.blend_on_batch:
             decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
-        labels = np.array([d[1] for d in decoded], dtype=np.uint8)
-        ids = [d[2] for d in decoded]
-        labels, ids, table = self.choose(labels, ids) if self.blend_on_batch else (labels, ids, np.empty((n, 0)))
+        labels, ids, table = self.choose(np.array([d[1] for d in decoded], dtype=np.uint8), [d[2] for d in decoded])
         crop = self.aug.preprocess == "crop"
         if self.mode == "finish":
             scratch = self._scratch(n)

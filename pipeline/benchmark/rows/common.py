@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import tarfile
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,14 +87,16 @@ def list_images(params: dict) -> List[Tuple[str, int]]:
     return items
 
 
-def epochs(loader, set_epoch: bool = False) -> Iterator[Tuple[int, int]]:
-    """Loop a finite loader forever, yielding ``(batch size, 0)``."""
+def epochs(loader, set_epoch: bool = False, observe: Optional[Callable] = None) -> Iterator[Tuple[int, int]]:
+    """Loop a finite loader forever, yielding ``(batch size, 0)``; ``observe(batch)`` sees each batch."""
     for epoch in itertools.count():
         if set_epoch:
             loader.set_epoch(epoch)
         n = 0
         for batch in loader:
             n += 1
+            if observe is not None:
+                observe(batch)
             images = batch.images if hasattr(batch, "images") else batch[0]
             yield int(images.shape[0]), 0
         if n == 0:

@@ -23,7 +23,7 @@ from pipeline.benchmark.rows.common import load_shard_images, shard_paths
 from pipeline.benchmark.rows.limits import _work_batch, _work_init
 
 
-def _wait_idle(monitor: TreeMonitor, *, step: float = 0.05, idle_cpu: float = 0.005, timeout: float = 10.0) -> None:
+def wait_idle(monitor: TreeMonitor, *, step: float = 0.05, idle_cpu: float = 0.005, timeout: float = 10.0) -> None:
     """Until the process tree uses less than ``idle_cpu`` CPU seconds in ``step`` seconds."""
     end = time.perf_counter() + timeout
     last = monitor.poll()
@@ -48,7 +48,8 @@ def _limit_window(pool, batches: int, batch: int, workers: int, start: int) -> T
     return n / (time.perf_counter() - t0), start + submitted * batch
 
 
-def _loader_window(batches: Iterator[Tuple[int, int]], count: int, skip: int, monitor: TreeMonitor) -> Tuple[float, float]:
+def loader_window(batches: Iterator[Tuple[int, int]], count: int, skip: int,
+                  monitor: TreeMonitor) -> Tuple[float, float]:
     """img/s and CPU % of ``count`` loader batches, after ``skip`` untimed ones."""
     for _ in range(skip):  # made while the limit ran or before: not this window's work
         next(batches)
@@ -71,13 +72,13 @@ def paired_ratio(params: dict, monitor: TreeMonitor, batches: Iterator[Tuple[int
         _limit_window(pool, 2, batch, workers, 0)  # the pool's start-up, untimed
         start = 0
         for _ in range(params["paired_repeats"]):
-            _wait_idle(monitor)
+            wait_idle(monitor)
             cpu0, t0 = monitor.poll(), time.perf_counter()
             rate, start = _limit_window(pool, params["batches"], batch, workers, start)
             cpus.append(100.0 * (monitor.poll() - cpu0) / (time.perf_counter() - t0))
             limits.append(rate)
-            _wait_idle(monitor)  # each window starts from the same quiet machine
-            rate, cpu = _loader_window(batches, params["batches"], skip=2 * workers, monitor=monitor)
+            wait_idle(monitor)  # each window starts from the same quiet machine
+            rate, cpu = loader_window(batches, params["batches"], skip=2 * workers, monitor=monitor)
             loaders.append(rate)
             cpus.append(cpu)
     finally:

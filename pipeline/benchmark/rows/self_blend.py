@@ -12,28 +12,23 @@ counts the pseudo-fakes it saw.
 from __future__ import annotations
 
 import statistics
-from typing import Iterator, List, Tuple
+from typing import Callable, List
 
 import torch
 
 from pipeline.benchmark.harness import TreeMonitor
-from pipeline.benchmark.rows.common import open_loader
-from pipeline.benchmark.rows.paired import _loader_window, _wait_idle
+from pipeline.benchmark.rows.common import epochs, open_loader
+from pipeline.benchmark.rows.paired import loader_window, wait_idle
 
 
-def _batches(loader, counts: dict) -> Iterator[Tuple[int, int]]:
-    """``(batch size, 0)`` of a loader looped over epochs; ``counts`` gets the images and pseudo-fakes seen."""
+def _counter(counts: dict) -> Callable:
+    """A batch observer that adds the images and the pseudo-fakes it sees to ``counts``."""
     from pipeline.data.torch_backend import SBI_SUFFIX
 
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        for batch in loader:
-            n = int(batch.images.shape[0])
-            counts["images"] += n
-            counts["sbi"] += sum(str(i).endswith(SBI_SUFFIX) for i in batch.ids)
-            yield n, 0
-        epoch += 1
+    def observe(batch) -> None:
+        counts["images"] += int(batch.images.shape[0])
+        counts["sbi"] += sum(str(i).endswith(SBI_SUFFIX) for i in batch.ids)
+    return observe
 
 
 def row_self_blend(params: dict, monitor: TreeMonitor) -> List[dict]:
@@ -41,7 +36,8 @@ def row_self_blend(params: dict, monitor: TreeMonitor) -> List[dict]:
     off = open_loader(params, "torch", train=True, aug="seed")
     on = open_loader(params, "torch", train=True, aug="seed", self_blend=p)
     counts = {"off": {"images": 0, "sbi": 0}, "on": {"images": 0, "sbi": 0}}
-    streams = {"off": _batches(off, counts["off"]), "on": _batches(on, counts["on"])}
+    streams = {name: epochs(loader, set_epoch=True, observe=_counter(counts[name]))
+               for name, loader in (("off", off), ("on", on))}
     rates = {"off": [], "on": []}
     cpus = {"off": [], "on": []}
     try:
@@ -50,8 +46,8 @@ def row_self_blend(params: dict, monitor: TreeMonitor) -> List[dict]:
                 next(stream)
         for _ in range(params["repeats"]):
             for name, stream in streams.items():
-                _wait_idle(monitor)
-                rate, cpu = _loader_window(stream, params["batches"], skip=2 * workers, monitor=monitor)
+                wait_idle(monitor)
+                rate, cpu = loader_window(stream, params["batches"], skip=2 * workers, monitor=monitor)
                 rates[name].append(rate)
                 cpus[name].append(cpu)
         memory = monitor.memory()
@@ -63,7 +59,8 @@ def row_self_blend(params: dict, monitor: TreeMonitor) -> List[dict]:
     base = {"status": "ok", "processes": workers, "mb_s": None, "timed_images": params["batches"] * params["repeats"]
             * params["batch_size"], **memory,
             "memory": "both loaders open in one process: the peak is the pair's"}
-    common = f"build_loader(backend=torch, train=True, aug=seed, decode={off.spec.decode}) on {device}, {workers} workers"
+    common = (f"build_loader(backend=torch, train=True, aug=seed, decode={off.spec.decode}) on {device}, "
+              f"{workers} workers")
     return [
         {**base, "img_s": statistics.median(rates["off"]), "img_s_repeats": [round(v, 2) for v in rates["off"]],
          "cpu_percent": statistics.median(cpus["off"]), "note": f"{common}, in turns with row 9b"},
