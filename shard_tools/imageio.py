@@ -31,7 +31,8 @@ Skip reasons (``BadImage.reason``, a fixed vocabulary, see ``REASONS``): ``missi
 ``not-a-file`` (directory, FIFO, socket, device), ``unreadable`` (permissions, I/O error), ``zero-byte``,
 ``not-an-image``, ``unsupported-format``, ``animated``, ``truncated``, ``corrupt``, ``unsupported-mode``,
 ``too-small`` (shorter side < ``min_size``), ``too-large`` (more than ``max_pixels`` pixels, or a file over
-``max_bytes``: PIL's decompression-bomb guard is reported the same way).
+``max_bytes``: PIL's decompression-bomb guard is reported the same way); the packer adds
+``video-needs-faces`` for a video given without ``--faces``.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ with contextlib.suppress(ImportError):  # HEIF/HEIC only where its decoder is in
 REASONS = (
     "missing", "broken-symlink", "not-a-file", "unreadable", "zero-byte", "not-an-image",
     "unsupported-format", "animated", "truncated", "corrupt", "unsupported-mode", "too-small", "too-large",
+    "video-needs-faces",
 )
 ACCEPTED_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "png", "TIFF": "png",
                     "AVIF": "png", "HEIF": "png"}

@@ -46,6 +46,7 @@ class Candidate:
     root: str
     rel: str
     path: str
+    group: Optional[str] = None  # the CSV's group column (``--group-by csv:COLUMN``)
 
 
 @dataclass(frozen=True)
@@ -144,10 +145,20 @@ def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([os.path.realpath(path), folder]) == folder
 
 
+def _header(cells: List[str], group_column: Optional[str]) -> Optional[List[str]]:
+    """The lower-cased column names when ``cells`` is a header row (``image`` and ``label`` among them)."""
+    names = [c.lower() for c in cells]
+    if "image" in names and "label" in names and (len(names) == 2 or group_column is not None):
+        return names
+    return None
+
+
 def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
-             exclude: Optional[Path] = None) -> List[Candidate | Skip]:
+             exclude: Optional[Path] = None, group_column: Optional[str] = None) -> List[Candidate | Skip]:
     """Rows of ``image,label`` → Candidates under ``images_root`` (missing files are found by the inspector);
-    rows naming a file inside ``exclude`` (the pack output) are skipped."""
+    rows naming a file inside ``exclude`` (the pack output) are skipped. With ``group_column`` the CSV must
+    start with a header naming ``image``, ``label`` and that column (more columns are allowed and ignored);
+    the column's cell becomes the Candidate's ``group``."""
     if not str(csv_path):
         raise InputError("--csv '': empty path")
     path = Path(csv_path)
@@ -163,6 +174,12 @@ def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
     except OSError as e:
         raise InputError(f"--csv {csv_path}: cannot read it ({e.strerror or e})") from None
     excluded = os.path.realpath(exclude) if exclude is not None else None
+    first = _parse_line(lines[0], 1) if lines else []
+    header = _header(first, group_column) if isinstance(first, list) else None
+    if group_column is not None and (header is None or group_column.lower() not in header):
+        raise InputError(f"--csv {csv_path}: --group-by csv:{group_column} needs a header row naming image, label and "
+                         f"{group_column}; its first line is {first!r}")
+    columns = header or ["image", "label"]
     out: List[Candidate | Skip] = []
     for lineno, raw in enumerate(lines, start=1):
         where = f"{csv_path}:{lineno}"
@@ -170,12 +187,15 @@ def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
         if isinstance(cells, str):
             out.append(Skip(where, None, "bad-csv-row", cells))
             continue
-        if not any(cells) or (lineno == 1 and [c.lower() for c in cells] == ["image", "label"]):
+        if not any(cells) or (lineno == 1 and header is not None):
             continue
-        if len(cells) != 2 or not cells[0]:
-            out.append(Skip(where, None, "bad-csv-row", f"expected 2 columns image,label, got {cells!r}"))
+        row = dict(zip(columns, cells))
+        if len(cells) != len(columns) or not row["image"]:
+            out.append(Skip(where, None, "bad-csv-row", f"expected {len(columns)} columns {','.join(columns)}, "
+                                                        f"got {cells!r}"))
             continue
-        image, label_text = cells
+        image, label_text = row["image"], row["label"]
+        group = row.get(group_column.lower()) if group_column is not None else None
         label = _LABELS.get(label_text.lower())
         if label is None:
             out.append(Skip(where, None, "bad-csv-row", f"label {label_text!r} is not REAL/FAKE/0/1"))
@@ -188,7 +208,7 @@ def read_csv(csv_path: str, images_root: str, allow_outside_root: bool = False,
         if excluded is not None and _inside(os.path.join(root, rel), excluded):
             out.append(Skip(where, CLASS_NAMES[label], "bad-csv-row", f"{image!r} is inside --out {exclude}"))
             continue
-        out.append(Candidate(label, root, rel, os.path.join(root, rel)))
+        out.append(Candidate(label, root, rel, os.path.join(root, rel), group))
     return out
 
 
@@ -209,7 +229,7 @@ def check_apart(out: Path, folders: List[Tuple[str, str]], csv_root: Optional[st
 
 def collect(
     real: List[str], fake: List[str], csv_path: Optional[str], images_root: Optional[str], exclude: Optional[Path],
-    allow_outside_root: bool = False,
+    allow_outside_root: bool = False, group_column: Optional[str] = None,
 ) -> Tuple[List[Candidate], List[Skip]]:
     """All inputs in a deterministic order (folders as given, then the CSV rows)."""
     cands: List[Candidate] = []
@@ -220,7 +240,7 @@ def collect(
             items.extend(walk_folder(root, label, exclude))
     if csv_path is not None:
         root = images_root if images_root is not None else str(Path(csv_path).parent)
-        items.extend(read_csv(csv_path, root, allow_outside_root, exclude))
+        items.extend(read_csv(csv_path, root, allow_outside_root, exclude, group_column))
     for item in items:
         (cands if isinstance(item, Candidate) else skips).append(item)
     return cands, skips

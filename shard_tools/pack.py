@@ -33,6 +33,8 @@ import argparse
 import functools
 import logging
 import multiprocessing
+import shutil
+import tempfile
 import time
 from collections import Counter
 from typing import List, Optional
@@ -43,6 +45,11 @@ from shard_tools import fsutil, outdir
 from shard_tools.format import CLASS_NAMES, MANIFEST, is_remote
 from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
 from shard_tools.inputs import InputError, Skip, check_apart, collect, normalized_root
+from shard_tools.media.cli import add_face_args, settings_from_args
+from shard_tools.media.detect import DetectorMissing, check_detector
+from shard_tools.media.groups import RULES, parse_rule
+from shard_tools.media.packing import assign_groups, count_lines, extract_all, group_report
+from shard_tools.media.probe import read_head, video_container
 from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
 from shard_tools.storage import StorageError, parse_storage_options
 from shard_tools.writer import ChangedInput, write_shard_task
@@ -75,9 +82,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="read CSV rows whose image is an absolute path or leaves --images-root via '..' (else skipped as outside-root)")
     g.add_argument("--min-size", type=int, default=DEFAULT_MIN_SIZE, help="skip images whose shorter side is below this (too-small)")
     g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this (too-large; decompression bombs)")
+    g.add_argument("--faces", action="store_true",
+                   help="run the face stage: photos and videos (mp4, mov, m4v, mkv, webm, avi; by content) become square "
+                        "face crops, one sample per face (see the face stage flags); without it videos are skipped as "
+                        "video-needs-faces")
     g = p.add_argument_group("split and shards")
     g.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class in val, in [0, 1), decided by content hash and seed")
     g.add_argument("--seed", type=int, default=0, help="seed of the split and of the sample order")
+    g.add_argument("--group-by", default="file", metavar="RULE",
+                   help=f"what must share a split ({', '.join(RULES)}): file = each source file (all crops of a video "
+                        "together); ffpp = FaceForensics++ identities (A_B.mp4 joins A and B); regex:PATTERN = its first "
+                        "group on the relative path; csv:COLUMN = that column of --csv")
     g.add_argument("--shard-size", type=int, default=1000, help="target samples per shard")
     g.add_argument("--min-shards", type=int, default=8, help="at least this many shards per split where there are enough samples (warns otherwise)")
     g = p.add_argument_group("output")
@@ -91,6 +106,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace a complete output (one with manifest.json): removes only the files its manifest lists")
     g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
     g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())), help="processes that read, hash, decode and write")
+    add_face_args(p)
     return p
 
 
@@ -111,12 +127,33 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(str(e))
     if args.allow_outside_root and not args.csv:
         p.error("--allow-outside-root needs --csv")
+    try:
+        kind, _ = parse_rule(args.group_by)
+        args.face_settings = settings_from_args(args)
+        if args.faces:
+            check_detector(args.detector)
+    except (ValueError, DetectorMissing) as e:
+        p.error(str(e))
+    if kind == "csv" and not args.csv:
+        p.error(f"--group-by {args.group_by} needs --csv")
+
+
+def _face_settings(args: argparse.Namespace):
+    from dataclasses import replace
+
+    return replace(args.face_settings, max_pixels=args.max_pixels)
 
 
 def _inspect(path: str, min_size: int, max_pixels: int):
     try:
         return inspect_file(path, min_size=min_size, max_pixels=max_pixels)
     except BadImage as e:
+        if e.reason in ("not-an-image", "unsupported-format"):
+            try:
+                if video_container(read_head(path)):
+                    return BadImage("video-needs-faces", "a video: pass --faces to sample its frames and crop the faces")
+            except OSError:
+                pass
         return e
 
 
@@ -196,14 +233,24 @@ def run(args: argparse.Namespace) -> int:
     out = _check_layout(args)
     t0 = time.time()
     with outdir.OutputLock(out):
-        cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out, args.allow_outside_root)
+        kind, column = parse_rule(args.group_by)
+        cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out, args.allow_outside_root,
+                               column if kind == "csv" else None)
         logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
         workers = min(args.workers, max(1, len(cands)))
         pool = multiprocessing.Pool(workers) if workers > 1 else None
+        staging = Path(tempfile.mkdtemp(prefix="deepfake-pack-faces-")) if args.faces else None
+        face_counts = None
         try:
-            results = _inspect_all(args, cands, pool, workers)
-            items = [r for r in results if isinstance(r, Item)]
-            skips += [r for r in results if isinstance(r, Skip)]
+            if args.faces:
+                items, more, face_counts = extract_all(cands, _face_settings(args), staging, pool, workers)
+                skips += more
+            else:
+                results = _inspect_all(args, cands, pool, workers)
+                items = [r for r in results if isinstance(r, Item)]
+                skips += [r for r in results if isinstance(r, Skip)]
+            items, more = assign_groups(items, args.group_by)
+            skips += more
             t_inspect = time.time() - t0
             plan = make_plan(items, val_fraction=args.val_fraction, seed=args.seed, shard_size=args.shard_size,
                              min_shards=args.min_shards)
@@ -221,7 +268,9 @@ def run(args: argparse.Namespace) -> int:
             if pool is not None:
                 pool.terminate()
                 pool.join()
-        manifest = build_manifest(args, plan, entries, skips)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+        manifest = build_manifest(args, plan, entries, skips, face_counts)
         fsutil.atomic_write_json(out / MANIFEST, manifest)
         outdir.finish(out)
     _report(manifest, skips, n_kept, len(entries), len(cands), out, time.time() - t0)
@@ -231,14 +280,19 @@ def run(args: argparse.Namespace) -> int:
 def _report(manifest: dict, skips: List[Skip], n_kept: int, n_shards: int, n_cands: int, out: Path, dt: float) -> None:
     for line in _summary(manifest["counts"], skips):
         logger.info(line)
+    if "faces" in manifest:
+        for line in count_lines(manifest["faces"]["counts"], skips):
+            logger.info(line)
     for w in manifest["warnings"]:
         logger.warning("warning: %s", w)
-    logger.info("packed %d samples (train %d, val %d) into %d shards in %s in %.1fs (%.0f img/s)", n_kept,
-                manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"], n_shards,
-                out, dt, n_cands / max(dt, 1e-9))
+    logger.info("packed %d samples (train %d, val %d; groups %d / %d) into %d shards in %s in %.1fs (%.0f %s/s)",
+                n_kept, manifest["splits"]["train"]["num_samples"], manifest["splits"]["val"]["num_samples"],
+                manifest["groups"]["train"], manifest["groups"]["val"], n_shards, out, dt, n_cands / max(dt, 1e-9),
+                "file" if "faces" in manifest else "img")
 
 
-def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Skip]) -> dict:
+def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Skip],
+                   face_counts: Optional[dict] = None) -> dict:
     kept_all = [it for split in SPLITS for it in plan.kept[split]]
     splits = {}
     for split in SPLITS:
@@ -253,9 +307,13 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         counts[name] = {"found": kept + len(mine) + dups, "kept": kept, "skipped": len(mine), "duplicates": dups,
                         "reasons": dict(sorted(Counter(s.reason for s in mine).items()))}
     hist = histograms(kept_all)
+    extra = {}
+    if face_counts is not None:
+        extra["faces"] = {"settings": _face_settings(args).to_dict(), "counts": face_counts}
     return {
         "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
+                 if k != "face_settings"},
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
         "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},
@@ -265,6 +323,8 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         "conflicts": plan.conflicts,
         "histograms": hist,
         "warnings": plan.warnings + shortcut_warnings(hist),
+        "groups": group_report(plan.kept, args.group_by),
+        **extra,
     }
 
 

@@ -4,7 +4,9 @@
   bytes found under both labels are excluded entirely (``label-conflict``) and listed.
 * Split: an image goes to val when ``H(seed, sha256) < val_fraction`` (``H`` uniform in [0, 1) from a
   sha256), so its split depends only on its bytes and the seed: folder order, other files and files
-  added later never move it. Each class gets ``val_fraction`` of its images in expectation (stratified
+  added later never move it. An item with a ``group`` (``--group-by``, or the face stage: every crop of
+  one file shares its file's group) uses ``H(seed, group)`` instead, so a group never spans two splits.
+  Each class gets ``val_fraction`` of its images in expectation (stratified
   by construction; the exact count varies by about ``sqrt(n·f·(1-f))``).
 * Order: within a split each class is shuffled by ``H(seed, sha256)`` and the classes are merged by
   their fractional position ``(j + 0.5) / n_class``, so any window of consecutive samples carries both
@@ -18,7 +20,7 @@ import hashlib
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from shard_tools.format import CLASS_NAMES
 from shard_tools.imageio import ImageInfo
@@ -31,10 +33,18 @@ _MAX_HIST_BINS = 100
 
 @dataclass(frozen=True)
 class Item:
-    """An input that decoded fine."""
+    """An input that decoded fine: a file, or one face crop of a photo/video (``face`` its metadata, the
+    crop's bytes staged at ``data_path``). ``group`` decides the split (empty: the content hash)."""
 
     cand: Candidate
     info: ImageInfo
+    group: str = ""
+    face: Optional[dict] = None
+    data_path: Optional[str] = None
+
+    @property
+    def split_key(self) -> str:
+        return self.group or self.info.sha256
 
     @property
     def key(self) -> str:
@@ -104,7 +114,7 @@ def make_plan(items: List[Item], *, val_fraction: float, seed: int, shard_size: 
     kept, duplicates, conflicts, skips = dedup(items)
     by_split: Dict[str, List[List[Item]]] = {s: [[], []] for s in SPLITS}
     for it in kept:
-        split = "val" if unit_hash(seed, "split", it.info.sha256) < val_fraction else "train"
+        split = "val" if unit_hash(seed, "split", it.split_key) < val_fraction else "train"
         by_split[split][it.cand.label].append(it)
     plan = Plan(splits={}, kept={}, skips=skips, duplicates=duplicates, conflicts=conflicts)
     for split in SPLITS:

@@ -1,7 +1,7 @@
 """Write one WebDataset shard reproducibly, plus its DALI index, both atomically.
 
 Members per sample, in this order: ``KEY.cls`` (``0``/``1``), ``KEY.jpg|png|webp`` (image bytes),
-``KEY.json`` (source metadata, sorted keys). Tar format ustar, mtime 0, uid/gid 0, empty uname/gname,
+``KEY.json`` (source metadata, sorted keys; ``group`` and ``face`` when the pack used them). Tar format ustar, mtime 0, uid/gid 0, empty uname/gname,
 mode 0o644, byte for byte what ``tarfile`` writes for those members (checked by a test): the same
 samples give byte-identical tars. Each file is re-read from disk here (phase 1
 kept only its hash) and must still have the hash it had, else the pack stops.
@@ -78,6 +78,10 @@ def sample_json(it: Item) -> bytes:
     meta = {"source": it.cand.rel, "root": it.cand.root, "label": it.cand.label, "sha256": it.info.sha256,
             "width": it.info.width, "height": it.info.height, "format": it.info.format,
             "normalized": it.info.normalized}
+    if it.group:
+        meta["group"] = it.group
+    if it.face is not None:
+        meta["face"] = it.face
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -100,12 +104,13 @@ def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dic
     with atomic_open(tar_path, "wb") as f:
         tar = _TarWriter(f)
         for it in items:
+            path = it.data_path or it.cand.path
             try:
-                data = read_bytes(it.cand.path)
+                data = read_bytes(path)
             except BadImage as e:
-                raise ChangedInput(f"{it.cand.path}: {e} (it was fine when inspected)") from None
+                raise ChangedInput(f"{path}: {e} (it was fine when inspected)") from None
             if hashlib.sha256(data).hexdigest() != it.info.sha256:
-                raise ChangedInput(f"{it.cand.path}: file changed while packing (sha256 differs); re-run")
+                raise ChangedInput(f"{path}: file changed while packing (sha256 differs); re-run")
             tar.add(f"{it.key}.cls", str(it.cand.label).encode())
             tar.add(f"{it.key}.{it.info.ext}", stored_bytes(data, it.info, max_pixels=max_pixels))
             tar.add(f"{it.key}.json", sample_json(it))
