@@ -6,7 +6,8 @@ member of one sample) matches the tar's actual members (data offset, size and na
 ``wds2idx`` groups them), so an index of another shard with the same sample count is caught; every sample
 has ``cls``, one image and ``json`` members, ``cls`` equals the json label, the key is the sha256 prefix,
 original bytes still hash to the json sha256, every image decodes; per-shard and per-split sample and class
-counts match; no key appears twice or in both splits. ``check_manifest`` first rejects a manifest whose
+counts match; no key appears twice or in both splits; no sample ``group`` (``--group-by``, face stage) is in both
+splits. ``check_manifest`` first rejects a manifest whose
 structure the checks could not trust (types, and shard names that are not plain file names in ``OUT``).
 """
 from __future__ import annotations
@@ -79,7 +80,9 @@ def check_manifest(manifest) -> Optional[str]:
     return None
 
 
-def _check_sample(key: str, members: Dict[str, bytes], where: str) -> Tuple[Optional[int], List[str]]:
+def _check_sample(key: str, members: Dict[str, bytes], where: str,
+                  groups: Optional[Dict[str, str]] = None, split: str = "") -> Tuple[Optional[int], List[str]]:
+    """(label, problems) of one sample; ``groups`` (group -> first split seen) catches a group in two splits."""
     problems = []
     images = [e for e in members if e in IMAGE_EXTS]
     missing = [e for e in ("cls", "json") if e not in members]
@@ -97,6 +100,12 @@ def _check_sample(key: str, members: Dict[str, bytes], where: str) -> Tuple[Opti
         return label, [f"{where}: sample {key}: json does not parse as an object ({e})"]
     if meta.get("label") != label:
         problems.append(f"{where}: sample {key}: cls {label} but json label {meta.get('label')!r}")
+    group = meta.get("group")
+    if groups is not None and isinstance(group, str):
+        first = groups.setdefault(group, split)
+        if first != split:
+            problems.append(f"{where}: sample {key}: group {group!r} is in split {split} and in {first} "
+                            "(frames or files of one group leak across the split)")
     sha = str(meta.get("sha256", ""))
     if not sha.startswith(key):
         problems.append(f"{where}: sample {key}: key is not the prefix of json sha256 {sha[:32]}")
@@ -168,8 +177,10 @@ def check_index(idx: Path, tar_path: Path, num_samples) -> List[str]:
 
 
 
-def verify_shard(root: Path, entry: dict, split: str, seen: Dict[str, str], bar) -> Tuple[int, Counter, List[str]]:
-    """(samples read, classes, problems) of one manifest shard entry; ``seen`` maps keys to where they were met."""
+def verify_shard(root: Path, entry: dict, split: str, seen: Dict[str, str], bar,
+                 groups: Optional[Dict[str, str]] = None) -> Tuple[int, Counter, List[str]]:
+    """(samples read, classes, problems) of one manifest shard entry; ``seen`` maps keys to where they were met,
+    ``groups`` each sample group to the split it was first met in."""
     tar_path = root / entry["name"]
     if not tar_path.is_file():
         return 0, Counter(), [f"{tar_path}: shard listed in the manifest is missing"]
@@ -189,7 +200,7 @@ def verify_shard(root: Path, entry: dict, split: str, seen: Dict[str, str], bar)
         for key, members in iter_samples(tar_path):
             n += 1
             bar.update(1)
-            label, found = _check_sample(key, members, tar_path.name)
+            label, found = _check_sample(key, members, tar_path.name, groups, split)
             problems.extend(found)
             if label is not None:
                 classes[CLASS_NAMES[label]] += 1
@@ -211,13 +222,14 @@ def verify(root: Path, manifest: dict) -> List[str]:
     ``check_manifest``."""
     problems: List[str] = []
     seen: Dict[str, str] = {}
+    groups: Dict[str, str] = {}
     total = sum(s["num_samples"] for s in manifest["splits"].values())
     bar = tqdm(total=total, desc="verify", unit="img", dynamic_ncols=True)
     for split, info in manifest["splits"].items():
         split_classes: Counter = Counter()
         n_split = 0
         for entry in info["shards"]:
-            n, classes, found = verify_shard(root, entry, split, seen, bar)
+            n, classes, found = verify_shard(root, entry, split, seen, bar, groups)
             problems += found
             split_classes.update(classes)
             n_split += n

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -113,9 +113,10 @@ def _check_size(frame: Frame, path: str) -> None:
         raise BadMedia("too-small", f"{frame.rgb.shape[1]}x{frame.rgb.shape[0]} pixels")
 
 
-def extract(path: str, s: FaceSettings) -> MediaResult:
+def extract(path: str, s: FaceSettings, on_frame: Optional[Callable[[Frame, list], None]] = None) -> MediaResult:
     """The face crops of the photo or video at ``path``; raises `BadMedia` (or `shard_tools.imageio.BadImage`)
-    naming the reason when it gives none (``no-face`` unless ``s.no_face == "keep"``)."""
+    naming the reason when it gives none (``no-face`` unless ``s.no_face == "keep"``). ``on_frame(frame,
+    faces)`` sees every sampled frame and its kept faces (previews)."""
     check_detector(s.detector)
     kind, frames = _frames(path, s)
     res = MediaResult(kind)
@@ -126,6 +127,8 @@ def extract(path: str, s: FaceSettings) -> MediaResult:
                              threshold=s.threshold)
         res.faces_found += len(faces)
         res.frames_with_face += bool(faces)
+        if on_frame is not None:
+            on_frame(frame, faces if s.all_faces else faces[:1])
         base = {"kind": kind, "frame": frame.index, "time": round(frame.time, 4)}
         if not faces and s.no_face == "keep":
             data, sq = centre_crop(frame.rgb, size=s.face_size, quality=s.quality)
