@@ -6,7 +6,8 @@ metadata (every value a string, as safetensors requires)::
     format="deepfake-detector/1", model="deepfakenet_tiny", image_size="64",
     mean="[0.485, 0.456, 0.406]", std="[...]", epoch="3", metrics="{...}", model_kwargs="{}"
 
-No pickle anywhere. A run directory resolves to ``RUN_DIR/best.safetensors``. ``model_kwargs``
+``faces`` (when the training pack came from the face stage) holds its `FaceSettings`, so evaluate and
+predict crop photos and videos the way the model was trained. No pickle anywhere. A run directory resolves to ``RUN_DIR/best.safetensors``. ``model_kwargs``
 always holds the model's ``input_filter`` (``"none"`` / ``"npr"``): the filter has no weights, so
 without it a checkpoint would load silently with the wrong input. A checkpoint without it (older
 ones) gets the variant's default, ``"none"`` for the first three variants.
@@ -197,8 +198,24 @@ def read_metadata(path_or_run_dir: Union[str, Path]) -> Dict[str, Any]:
     if meta["preprocess"] not in PREPROCESS:
         raise CheckpointError(f"{path}: metadata field preprocess is {meta['preprocess']!r}, expected one of "
                               f"{', '.join(PREPROCESS)}")
+    meta["faces"] = _faces(path, raw.get("faces"))
     meta["path"] = str(path)
     return meta
+
+
+def _faces(path: Path, raw: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The face-stage settings of the pack it was trained on (validated), or None (trained on ready-made crops)."""
+    if raw is None or raw == "null":
+        return None
+    from shard_tools.media.stage import FaceSettings
+
+    try:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+        return FaceSettings.from_dict(value).to_dict()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: metadata faces={_show(raw)}: {e}") from None
 
 
 def _read_state(path: Path, model_name: str, expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

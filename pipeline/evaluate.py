@@ -11,6 +11,11 @@ Model name and image size come from the checkpoint metadata. Writes into ``--out
   all images of the other class); every skipped file with its reason.
 * ``scores.csv`` (id, source, group, label, score, path_bytes_hex), ``roc.png``, ``scores.png``
   (histogram by class).
+* for face-stage crops (a pack made with ``--faces``, or photos/videos scored through the face stage):
+  ``video_metrics`` in metrics.json and ``video_scores.csv``, one row per photo/video (``--pool``).
+
+Photos and videos given as ``--real/--fake`` (or ``--set``) go through the face stage the checkpoint was trained
+with (`pipeline.scoring.media`), so a model is scored at its own framing; ``--faces off`` scores images whole.
 * with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
 * with ``--set``: ``metrics.json`` and ``cross_source.png`` (the cross-source report) instead.
 
@@ -47,18 +52,21 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
+from pipeline.scoring.media import add_media_args, face_settings
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
 from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
                                       writing)
 from pipeline.scoring.report import parse_set
 from pipeline.scoring.robustness import plot_robustness, run_sweep
-from pipeline.scoring.score import check_finite, per_group, score_folders, score_split, write_scores_csv
+from pipeline.scoring.score import (check_finite, per_group, score_folders, score_split, video_level,
+                                    write_scores_csv)
 from shard_tools.fsutil import atomic_write_json
 from shard_tools.inputs import InputError
 from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
-OUTPUTS = ("metrics.json", "scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png", "cross_source.png")
+OUTPUTS = ("metrics.json", "scores.csv", "video_scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png",
+           "cross_source.png")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -94,6 +102,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="a named set of real and fake folders for the cross-source report (repeatable; with --data "
                         "the split counts as one more set): metrics.json and cross_source.png list AUC, AP, EER and "
                         "accuracy per set and per scoring mode (all four, or the one --scoring names)")
+    add_media_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default="eval", help="folder for metrics.json, scores.csv and the plots")
     g.add_argument("--robustness", action="store_true",
@@ -152,6 +161,12 @@ def log_table(report: dict) -> None:
         logger.info("  %-18s %s", name, "n/a" if v is None or v != v else f"{v:.4f}")
     (tn, fp), (fn, tp) = m["confusion_matrix"]
     logger.info("  confusion          real->real %d  real->fake %d  fake->real %d  fake->fake %d", tn, fp, fn, tp)
+    v = report.get("video_metrics")
+    if v is not None:
+        logger.info("  per file (photo/video, %s of frames; a frame = max of its faces): %d files, ROC AUC %s, AP %s, "
+                    "EER %s, accuracy %s", v["pool"], v["n_files"], *("n/a" if x is None or x != x else f"{x:.4f}" for x in
+                                                                      (v["roc_auc"], v["average_precision"], v["eer"],
+                                                                       v["accuracy"])))
     for row in report.get("per_folder", []):
         auc = row["roc_auc_vs_other_class"]
         logger.info("  %-40s %-4s n=%-6d acc=%.4f auc_vs_other=%s", shown(row["folder"])[-40:], row["label"], row["n"],
@@ -173,7 +188,7 @@ def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fak
         return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
     real, fake = real or args.real, fake or args.fake
     s, items, skipped = score_folders(model, real, fake, image_size=size, mode=mode, device=args.device,
-                                      batch_size=args.batch_size, num_workers=args.workers)
+                                      batch_size=args.batch_size, num_workers=args.workers, faces=args.face_settings)
     return s, items, skipped, {"real": list(real), "fake": list(fake)}
 
 
@@ -190,6 +205,10 @@ def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
             s, _, skipped, _ = _score(args, model, size, mode, real, fake)
             check_finite(s.scores, s.ids, meta["path"])
             rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
+            if s.has_faces:
+                v = video_level(s, args.pool)
+                rows.append(cross.row(f"{name} (video, {args.pool})", mode, v.labels, v.scores, args.threshold,
+                                      len(skipped)))
     cross.log_rows(rows)
     report = {"checkpoint": meta["path"], "model": meta["model"], "image_size": size,
               "preprocess": meta.get("preprocess"), "threshold": args.threshold, "sets": rows}
@@ -213,6 +232,11 @@ def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source
     }
     if args.data is None and len(set(s.groups)) > 2:
         report["per_folder"] = per_group(s, args.threshold, m["eer_threshold"])
+    if s.has_faces:
+        v = video_level(s, args.pool)
+        report["video_metrics"] = {"pool": args.pool, "n_files": len(v.ids),
+                                   **quiet_metrics(v.labels, v.scores, args.threshold)}
+        report["face_stage"] = args.face_settings.to_dict() if args.face_settings else meta.get("faces")
     return report
 
 
@@ -228,6 +252,7 @@ def _write(args: argparse.Namespace, files) -> List[str]:
 def _outputs(args: argparse.Namespace, meta: dict, s, report: dict, rob: Optional[dict], mode: str) -> list:
     files = [
         ("scores.csv", lambda path: write_scores_csv(path, s)),
+        *([("video_scores.csv", lambda path: write_scores_csv(path, video_level(s, args.pool)))] if s.has_faces else []),
         ("roc.png", lambda path: plot_roc({"all": (s.labels, s.scores)}, path, title=f"ROC: {meta['model']}")),
         ("scores.png", lambda path: plot_score_hist(s.labels, s.scores, path, threshold=args.threshold,
                                                     title="P(fake) by class")),
@@ -247,6 +272,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_output_dir("--out", args.out)
         check_apart("--out", args.out, _inputs(args))
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
+        args.face_settings = face_settings(args, meta)
         if args.set:
             return _cross_source(args, model, meta)
         size, mode = int(meta["image_size"]), scoring_mode(args, meta)

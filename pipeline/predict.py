@@ -41,15 +41,17 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint
 from pipeline.data.folders import collect
 from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
                                   stdout_bytes)
+from pipeline.scoring.media import add_media_args, expand, face_settings, pool_files
 from pipeline.scoring.modes import score_items
 from pipeline.scoring.outputs import (OutputError, check_apart, check_output_file, path_hex, showable, shown,
                                       writing)
 from pipeline.scoring.score import check_finite
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 from shard_tools.inputs import InputError
+from shard_tools.media.stage import FaceSettings
 
 logger = logging.getLogger("pipeline.predict")
-FIELDS = ("path", "p_fake", "label", "error", "path_bytes_hex")
+FIELDS = ("path", "p_fake", "label", "error", "path_bytes_hex", "kind", "frames", "faces", "frame", "time", "face")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -66,8 +68,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding worker processes (0: in process)")
     add_scoring_arg(g)
+    add_media_args(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None, help="write rows to this .csv or .json file (default: CSV on stdout)")
+    g.add_argument("--per-frame", action="store_true",
+                   help="also one row per scored face crop of each video (frame index, time, face index)")
     return p
 
 
@@ -80,29 +85,52 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def predict(
     model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-    checkpoint: str = "the checkpoint",
+    checkpoint: str = "the checkpoint", faces: Optional[FaceSettings] = None, pool: str = "mean",
+    per_frame: bool = False,
 ) -> List[dict]:
-    """One row per file under ``paths``: ``{"path", "p_fake", "label", "error"}`` (None where not applicable).
+    """One row per file under ``paths``: ``{"path", "p_fake", "label", "error", "kind", "frames", "faces"}``
+    (None where not applicable). With a face stage (``faces``) a photo's score is the max over its faces and a
+    video's pools its frames (``pool``); a photo with several faces also gets one row per face, and with
+    ``per_frame`` each video one row per scored crop (``frame``, ``time``, ``face`` set on those rows).
 
     Raises `CheckpointError` (naming ``checkpoint``) when the model's output is NaN or infinite for a
     file that was read: that is the weights' fault, not the file's.
     """
-    items, skips = collect(paths)
+    files, skips = collect(paths)
     if skips:
         logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), shown(skips[0]["path"]),
                     skips[0]["reason"])
-    scores, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress, desc="predict")
-    read = [i for i in range(len(items)) if i not in errors]
-    check_finite(scores[read], [items[i].path for i in read], checkpoint)
+    crops, owner, errors, infos = expand(files, faces, workers=num_workers, progress=progress)
+    scores, crop_errors = score_items(model, crops, image_size=image_size, mode=mode, device=device,
+                                      batch_size=batch_size, num_workers=num_workers, progress=progress, desc="predict")
+    read = [j for j in range(len(crops)) if j not in crop_errors]
+    check_finite(scores[read], [crops[j].path for j in read], checkpoint)
+    for j, err in crop_errors.items():
+        errors.setdefault(owner[j], err)
+    frames = [(c.face or {}).get("frame", 0) for c in crops]
+    pooled = pool_files(owner, frames, scores, pool)
+    by_file: dict = {}
+    for j, i in enumerate(owner):
+        by_file.setdefault(i, []).append(j)
     rows = []
-    for i, item in enumerate(items):
-        if i in errors:
-            rows.append({"path": item.path, "p_fake": None, "label": None, "error": errors[i]})
-        else:
-            p = float(scores[i])
-            rows.append({"path": item.path, "p_fake": p, "label": "fake" if p >= threshold else "real", "error": None})
+    for i, item in enumerate(files):
+        info = infos[i]
+        base = {"path": item.path, "kind": info.kind, "frames": info.frames or None, "faces": info.crops or None,
+                "frame": None, "time": None, "face": None}
+        if i not in pooled:
+            rows.append({**base, "p_fake": None, "label": None, "error": errors.get(i, "no-face")})
+            continue
+        rows.append(_row(base, pooled[i], threshold))
+        if (info.kind == "video" and per_frame) or (info.kind == "photo" and info.crops > 1):
+            for j in by_file[i]:
+                face = crops[j].face
+                rows.append(_row({**base, "frame": face["frame"], "time": face["time"], "face": face["index"]},
+                                 float(scores[j]), threshold))
     return rows
+
+
+def _row(base: dict, p: float, threshold: float) -> dict:
+    return {**base, "p_fake": p, "label": "fake" if p >= threshold else "real", "error": None}
 
 
 def rows_to_csv(rows: List[dict]) -> str:
@@ -112,7 +140,8 @@ def rows_to_csv(rows: List[dict]) -> str:
     w.writerow(FIELDS)
     for r in rows:
         w.writerow([shown(r["path"]), "" if r["p_fake"] is None else f"{r['p_fake']:.6f}", r["label"] or "",
-                    shown(r["error"] or ""), path_hex(r["path"])])
+                    shown(r["error"] or ""), path_hex(r["path"]),
+                    *("" if r.get(k) is None else r[k] for k in ("kind", "frames", "faces", "frame", "time", "face"))])
     return buf.getvalue()
 
 
@@ -150,17 +179,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         mode = scoring_mode(args, meta)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                       checkpoint=meta["path"])
+                       checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
+                       per_frame=args.per_frame)
+        rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
         n_err = sum(r["error"] is not None for r in rows)
         for r in rows:
             if r["error"] is not None:
                 logger.warning("could not read %s: %s", shown(r["path"]), shown(r["error"]))
-        _write(args.out, rows, {**meta, "scoring": mode}, args.threshold)
-    except (CheckpointError, InputError, OutputError, FileNotFoundError) as e:
+        _write(args.out, rows_all, {**meta, "scoring": mode}, args.threshold)
+    except (CheckpointError, InputError, OutputError, FileNotFoundError, ValueError) as e:
         logger.error("predict: %s", shown(e))
         return 2
     n_fake = sum(r["label"] == "fake" for r in rows)
-    logger.info("predicted %d images: %d fake, %d real, %d unreadable%s", len(rows), n_fake,
+    logger.info("predicted %d files: %d fake, %d real, %d unreadable or without a face%s", len(rows), n_fake,
                 len(rows) - n_fake - n_err, n_err, f" -> {shown(args.out)}" if args.out else "")
     return 0 if len(rows) > n_err else 1
 

@@ -49,7 +49,8 @@ def test_files_folders_and_bad_files(trained, inputs, tmp_path):
                        "--out", str(out), "--batch-size", "3", "--workers", "1", "--device", "cpu", "--threshold", "0.4"])
     assert rc == 0
     rows = read_csv(out.read_text())
-    assert list(rows[0]) == ["path", "p_fake", "label", "error", "path_bytes_hex"]
+    assert list(rows[0]) == ["path", "p_fake", "label", "error", "path_bytes_hex", "kind", "frames", "faces", "frame",
+                             "time", "face"]
     assert all(r["path_bytes_hex"] == "" for r in rows)  # every path here is plain UTF-8
     by_path = {r["path"]: r for r in rows}
     good = [inputs["single"], *inputs["files"]]

@@ -40,7 +40,10 @@ class Item:
         label: 0 real, 1 fake, -1 unknown (predict).
         group: the input folder or path it came from (per-folder metrics).
         tar: ``(shard path, byte offset, size)`` of the image member for a shard sample, else None.
-        source: the original relative path recorded in a shard sample's json, else "".
+        source: the original relative path recorded in a shard sample's json (or, for a face crop made at
+            scoring time, the photo/video it came from), else "".
+        data: the encoded image itself (a face crop made at scoring time), else None.
+        face: the face-stage metadata of a crop (``kind``, ``frame``, ``index``, ...), else None.
     """
 
     path: str
@@ -48,6 +51,8 @@ class Item:
     group: str = ""
     tar: Optional[Tuple[str, int, int]] = None
     source: str = ""
+    data: Optional[bytes] = None
+    face: Optional[dict] = None
 
 
 def collect(paths: Iterable[Union[str, Path]], *, label: int = -1) -> Tuple[List[Item], List[dict]]:
@@ -128,16 +133,20 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
                     if ext == "cls":
                         s["label"] = int(data.strip())
                     else:
-                        s["source"] = json.loads(data).get("source", "")
+                        meta = json.loads(data)
+                        s["source"] = meta.get("source", "")
+                        s["face"] = meta.get("face") if isinstance(meta.get("face"), dict) else None
         for key, s in samples.items():
             if "image" not in s or "label" not in s:
                 raise ValueError(f"{shard}: sample {key} has no image or no .cls member")
-            items.append(Item(key, s["label"], Path(shard).name, s["image"], s.get("source", "")))
+            items.append(Item(key, s["label"], Path(shard).name, s["image"], s.get("source", ""), face=s.get("face")))
     return items
 
 
 def read_item(item: Item):
-    """What `shard_tools.imageio.load_rgb` reads for ``item``: its path, or its bytes inside a shard."""
+    """What `shard_tools.imageio.load_rgb` reads for ``item``: its bytes, its path, or its bytes inside a shard."""
+    if item.data is not None:
+        return item.data
     if item.tar is None:
         return item.path
     shard, offset, size = item.tar

@@ -54,6 +54,7 @@ class ShardSet:
         root: the pack output folder or URL, or None for a pattern.
         storage_options: fsspec options for URLs (`shard_tools.storage`).
         class_counts: ``{"real": n, "fake": n}`` of the split (manifest), or empty.
+        faces: the face-stage settings the pack used (``manifest["faces"]["settings"]``), or None.
     """
 
     split: str
@@ -65,6 +66,7 @@ class ShardSet:
     root: Optional[str] = None
     storage_options: Dict[str, Any] = field(default_factory=dict)
     class_counts: Dict[str, int] = field(default_factory=dict)
+    faces: Optional[Dict[str, Any]] = None
 
     @property
     def num_samples(self) -> Optional[int]:
@@ -234,7 +236,18 @@ def resolve_shards(data: Union[str, Path], split: str, *, need_index: bool = Fal
     return ShardSet(split=split, shards=shards, indexes=indexes, shard_sizes=[e["num_samples"] for e in entries],
                     shard_bytes=[e.get("bytes") for e in entries], shard_sha256=[e.get("sha256") for e in entries],
                     root=root, storage_options=dict(storage_options or {}),
-                    class_counts={k: int(v) for k, v in (splits[split].get("classes") or {}).items()})
+                    class_counts={k: int(v) for k, v in (splits[split].get("classes") or {}).items()},
+                    faces=_face_settings(manifest, text))
+
+
+def _face_settings(manifest: dict, where: str) -> Optional[Dict[str, Any]]:
+    faces = manifest.get("faces")
+    if faces is None:
+        return None
+    settings = faces.get("settings") if isinstance(faces, dict) else None
+    if not isinstance(settings, dict):
+        raise DataError(f"{where}: manifest faces.settings is not an object; re-run deepfake-pack")
+    return settings
 
 
 def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:

@@ -7,7 +7,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,11 +19,13 @@ from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.folders import Item, collect, shard_items
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError, resolve_shards
+from pipeline.scoring.media import expand
 from pipeline.scoring.metrics import quiet_metrics
 from pipeline.scoring.modes import score_items
 from pipeline.scoring.outputs import path_hex, shown
 from shard_tools.format import is_remote
 from shard_tools.fsutil import atomic_write_text
+from shard_tools.media.stage import FaceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,28 @@ class Scores:
     groups: List[str]
     labels: np.ndarray
     scores: np.ndarray
+    faces: Optional[List[Optional[dict]]] = None  # per row, the face-stage metadata of a crop (else None)
+
+    @property
+    def has_faces(self) -> bool:
+        return self.faces is not None and any(f is not None for f in self.faces)
+
+
+def video_level(s: Scores, how: str) -> Scores:
+    """One row per source file (photo or video) of face-crop rows: `pipeline.scoring.media.pool_files`
+    (max over a frame's faces, then ``how`` over frames); a file's label is its crops' label."""
+    from pipeline.scoring.media import pool_files
+
+    faces = s.faces or [None] * len(s.ids)
+    owners = [(f or {}).get("source_sha256") or src or i for i, src, f in zip(s.ids, s.sources, faces)]
+    frames = [int((f or {}).get("frame", 0)) for f in faces]
+    pooled = pool_files(owners, frames, s.scores, how)
+    first: dict = {}
+    for j, o in enumerate(owners):
+        first.setdefault(o, j)
+    rows = [first[o] for o in pooled]
+    return Scores([s.sources[j] or s.ids[j] for j in rows], [s.sources[j] for j in rows], [s.groups[j] for j in rows],
+                  s.labels[rows], np.asarray([pooled[o] for o in pooled], dtype=np.float64))
 
 
 @torch.inference_mode()
@@ -65,9 +89,10 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
     if len(ids) != loader.split_samples:
         raise DataError(f"{spec.data} {spec.split}: scored {len(ids)} distinct samples, but the split has "
                         f"{loader.split_samples}; run `deepfake-inspect {spec.data} --verify`")
-    sources = {it.path: (it.source, it.group) for it in items}
+    sources = {it.path: (it.source, it.group, it.face) for it in items}
     return (Scores(ids, [sources.get(k, ("", ""))[0] for k in ids], [sources.get(k, ("", ""))[1] for k in ids],
-                   np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64)), items)
+                   np.asarray(labels, dtype=np.int64), np.asarray(scores, dtype=np.float64),
+                   [sources.get(k, ("", "", None))[2] for k in ids]), items)
 
 
 def _score_loader(model: torch.nn.Module, loader, desc: str, progress: bool) -> Tuple[list, list, list]:
@@ -110,17 +135,24 @@ def score_split(model: torch.nn.Module, spec: LoaderSpec, mode: str, *, need_ite
         i, err = sorted(errors.items())[0]
         raise DataError(f"{items[i].tar[0]}: sample {items[i].path}: {err}; run `deepfake-inspect {spec.data} --verify`")
     return Scores([it.path for it in items], [it.source for it in items], [it.group for it in items],
-                  np.asarray([it.label for it in items], dtype=np.int64), values), items
+                  np.asarray([it.label for it in items], dtype=np.int64), values, [it.face for it in items]), items
 
 
 def score_folders(
     model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int, mode: str = "resize",
     device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
+    faces: Optional[FaceSettings] = None,
 ) -> tuple[Scores, List[Item], List[dict]]:
-    """Score files under ``real`` and ``fake``; returns (scores, the items that scored, skip records)."""
+    """Score files under ``real`` and ``fake`` (photos and videos through the face stage ``faces``: one row per
+    crop); returns (scores, the items that scored, skip records: files without a crop, unreadable files)."""
     real_items, skipped = collect(real, label=0)
     fake_items, more = collect(fake, label=1)
-    items, skipped = real_items + fake_items, skipped + more
+    files, skipped = real_items + fake_items, skipped + more
+    items, _, file_errors, _ = expand(files, faces, workers=num_workers, progress=progress)
+    for i, err in sorted(file_errors.items()):
+        reason, _, detail = err.partition(": ")
+        skipped.append({"path": files[i].path, "label": ("real", "fake")[files[i].label], "reason": reason,
+                        "detail": detail})
     values, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
                                  num_workers=num_workers, progress=progress, desc="evaluate")
     for i, err in sorted(errors.items()):
@@ -129,8 +161,8 @@ def score_folders(
                         "detail": detail})
     ok = [i for i in range(len(items)) if i not in errors]
     kept = [items[i] for i in ok]
-    scores = Scores([it.path for it in kept], [it.path for it in kept], [it.group for it in kept],
-                    np.asarray([it.label for it in kept], dtype=np.int64), values[ok])
+    scores = Scores([it.path for it in kept], [it.source or it.path for it in kept], [it.group for it in kept],
+                    np.asarray([it.label for it in kept], dtype=np.int64), values[ok], [it.face for it in kept])
     return scores, kept, skipped
 
 

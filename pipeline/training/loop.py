@@ -65,6 +65,7 @@ class _Setup:
                            f"of each process; lower it or --batch-size")
         self.steps = steps
         self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
+        self.faces = getattr(self.train_loader.shardset, "faces", None)  # the framing travels with the model
 
     def close(self) -> None:
         """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
@@ -185,7 +186,8 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
     if improved:
         progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
     if accelerator.is_main_process:
-        _write_epoch_outputs(cfg, Path(cfg.out), accelerator.unwrap_model(model), val, progress, improved, tb)
+        _write_epoch_outputs(cfg, Path(cfg.out), accelerator.unwrap_model(model), val, progress, improved, tb,
+                             setup.faces)
     logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
                 "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
                 tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
@@ -193,11 +195,14 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
     return tr.ids_checksum
 
 
-def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
+def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb,
+                         faces: Optional[dict] = None) -> None:
     """last/best checkpoints, metrics.csv, curves.png, TensorBoard scalars; OutputError naming a file that
     cannot be written (each file is atomic: a failed write leaves the previous epoch's version)."""
     meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
             "model_kwargs": cfg.model_kwargs(), "train_config": cfg.to_dict(), "preprocess": cfg.aug_config().preprocess}
+    if faces is not None:
+        meta["faces"] = faces
     for name in (LAST, BEST) if improved else (LAST,):
         with writing(out / name, "checkpoint"):
             save_checkpoint(out / name, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
