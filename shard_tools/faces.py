@@ -7,7 +7,7 @@ quality for the same flags), one process per file, and writes, under ``--out``:
 
 * ``crops/<input>/<file>/f<frame>_<face>.jpg``: the crops (``<input>`` is the input's folder or file name,
   ``<file>`` the file's path below it without its extension);
-* ``faces.jsonl``: one line per crop (``crop`` path relative to ``--out``, ``source``, and the face metadata:
+* ``faces.jsonl``: one line per crop (``file``: its path relative to ``--out``, ``source``, and the face metadata:
   kind, frame, time, box, score, index, square crop);
 * ``skipped.jsonl``: one line per file without a crop, with its reason;
 * with ``--preview``: ``preview/<input>/<file>.jpg``, the sampled frames side by side with the kept face boxes
@@ -111,7 +111,7 @@ def _one(task, settings: dict, out: str, preview: bool):
     for crop in res.crops:
         rel_crop = os.path.join("crops", stem, f"f{crop.meta['frame']:06d}_{crop.meta['index']}.jpg")
         fsutil.atomic_write_bytes(Path(out) / rel_crop, crop.data)
-        records.append({"crop": rel_crop, "source": os.path.join(name, rel), **crop.meta})
+        records.append({**crop.meta, "file": rel_crop, "source": os.path.join(name, rel)})
     if preview and frames:
         fsutil.atomic_write_bytes(Path(out) / "preview" / (stem + ".jpg"), contact_sheet(frames, FaceSettings(**settings)))
     return records, None

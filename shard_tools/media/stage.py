@@ -99,7 +99,10 @@ class MediaResult:
 
 def _frames(path: str, s: FaceSettings):
     """``(kind, frames)``; `BadMedia` / `BadImage` for a file that is neither a readable photo nor video."""
-    container = video_container(read_head(path))
+    head = read_head(path)
+    if not head:
+        raise BadMedia("zero-byte", "the file is empty")
+    container = video_container(head)
     wrong = misnamed(path, container is not None)
     if wrong:
         raise BadMedia("wrong-extension", wrong)
