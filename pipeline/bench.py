@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 ROW_GROUPS = ("read", "decode", "original", "wds", "limits", "loaders", "self_blend", "memory", "remote", "stall",
-              "pack")
+              "pack", "faces")
 BACKENDS = ("dali", "torch")
 DECODES = ("auto", "cpu", "gpu")
 
@@ -145,6 +145,10 @@ def _add_stall_pack_output(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("packer row")
     g.add_argument("--pack-repeats", type=_positive("--pack-repeats"), default=1, help="pack runs per packer row")
     g.add_argument("--tmp-dir", default=None, help="where the packer row writes its temporary output")
+    g = p.add_argument_group("face stage row (10)")
+    g.add_argument("--media", default=None, metavar="DIR", help="a folder of videos (e.g. ../shared/data/ffpp-dev): row 10 "
+                   "times the face stage on them, split into decode / detect / crop+encode+write, next to decode-only")
+    g.add_argument("--media-frames", type=_positive("--media-frames"), default=32, metavar="K", help="frames per video")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, help="write every row, the summary and the settings to this JSON file")
     g.add_argument("--plot", default=None, help="write a bar chart of img/s per row to this PNG file")
@@ -200,6 +204,9 @@ def plan_rows(args: argparse.Namespace) -> List[dict]:
         add(dict(kind="pack", names=["pack_100"], labels=["7 pack, all files"], group="pack",
                  extra=dict(pack_fraction=1.0)))
         add(dict(kind="decode_files", names=["decode_files"], labels=["7 decode-only, same files"], group="pack"))
+    if "faces" in args.rows and args.media:  # only with videos to time
+        add(dict(kind="faces", names=["faces_stage", "faces_decode_only"],
+                 labels=["10 face stage, 1 process (frames/s)", "10 decode-only, same frames"], group="faces"))
     return plan
 
 

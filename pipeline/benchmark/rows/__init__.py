@@ -25,6 +25,7 @@ ROWS = {
     "stall": ("model", "row_stall"),
     "pack": ("pack", "row_pack"),
     "remote": ("remote", "row_remote"),
+    "faces": ("faces", "row_faces"),
 }
 
 
