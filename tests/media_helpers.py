@@ -80,3 +80,13 @@ def set_mp4_rotation(path: Path, clockwise: int) -> None:
     m = [a << 16, b << 16, 0, -b << 16, a << 16, 0, 0, 0, 1 << 30]
     data[matrix_at:matrix_at + 36] = struct.pack(">9i", *m)
     path.write_bytes(bytes(data))
+
+
+def write_empty_video(path: Path) -> Path:
+    """A valid MP4 header with a video stream declared and no frame written."""
+    c = av.open(str(path), "w")
+    s = c.add_stream("mpeg4", rate=10)
+    s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+    c.start_encoding()
+    c.close()
+    return path

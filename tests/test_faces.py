@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from media_helpers import (FFPP, face_jpegs, face_rgb, scene, set_mp4_rotation, write_audio_only, write_video)
+from media_helpers import (FFPP, face_jpegs, face_rgb, scene, set_mp4_rotation, write_audio_only, write_empty_video,
+                           write_video)
 
 from helpers import write_image
 from shard_tools.imageio import load_rgb
@@ -99,7 +100,10 @@ def _bad_inputs(root: Path, face: Path) -> dict:
     face_video(root / "long.mp4", face, n=30)
     write_video(root / "huge.mp4", [np.zeros((720, 1280, 3), np.uint8)] * 2)
     (root / "empty.mp4").write_bytes(b"")
-    return {"truncated.mp4": {"unreadable-video", "truncated"}, "audio.mp4": {"no-video-stream"},
+    write_empty_video(root / "no_frames.mp4")
+    write_image(root / "anim.gif", np.zeros((64, 64, 3), np.uint8))
+    (root / "loop").symlink_to(root)
+    return {"no_frames.mp4": {"no-frames"}, "anim.gif": {"unsupported-format"}, "loop": {"symlink-loop"},"truncated.mp4": {"unreadable-video", "truncated"}, "audio.mp4": {"no-video-stream"},
             "black.mp4": {"no-face"}, "video_named.jpg": {"wrong-extension"}, "photo_named.mp4": {"wrong-extension"},
             "long.mp4": {"too-long"}, "huge.mp4": {"too-large"}, "empty.mp4": {"zero-byte", "unreadable-video"}}
 

@@ -76,6 +76,8 @@ def open_video(path: str, *, max_pixels: int, max_frames: int) -> Tuple[object, 
         raise BadMedia("unreadable-video", f"FFmpeg cannot open it ({_av_error(e)}); truncated, still being written, "
                                            "or not a video") from None
     try:
+        if not container.streams:
+            raise BadMedia("no-frames", "the container holds no stream at all (an empty video)")
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise BadMedia("no-video-stream", f"the container holds no video stream (streams: {', '.join(kinds)})")
