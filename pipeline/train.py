@@ -33,7 +33,7 @@ import logging
 from typing import List, Optional
 
 from model import INPUT_FILTERS, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models
-from pipeline.augment.config import PREPROCESS, PRESETS
+from pipeline.augment.config import SBI_MASKS, PREPROCESS, PRESETS
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES
 from pipeline.scoring.cli import OneLineParser
 from pipeline.scoring.outputs import shown
@@ -86,6 +86,9 @@ def _add_aug_args(p: argparse.ArgumentParser, d) -> None:
                    help="probability that a real training sample is replaced by a self-blended pseudo-fake of itself "
                         "(Shiohara & Yamasaki 2022) and labelled fake; fakes are never blended; validation always "
                         "scores the split's true fakes (torch backend)")
+    g.add_argument("--sbi-mask", choices=SBI_MASKS, default=d["sbi_mask"].default,
+                   help="self-blending mask: face = placed and sized on the face stage's detector box where the sample "
+                        "has one (packs made with --faces), else the default ellipse; ellipse = always the ellipse")
     g.add_argument("--fakes", default=d["fakes"].default, choices=FAKES,
                    help="all: train on the split's fakes too; sbi-only: leave them out and learn from reals and "
                         "their pseudo-fakes alone (needs --self-blend)")

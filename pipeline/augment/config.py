@@ -41,6 +41,9 @@ def _check_prob(name: str, p: float) -> None:
         raise ValueError(f"AugConfig.{name}={p!r}: expected a probability in [0, 1]")
 
 
+SBI_MASKS = ("face", "ellipse")
+
+
 @dataclass(frozen=True)
 class AugConfig:
     """Per-sample augmentation parameters, shared by the DALI and torchvision backends.
@@ -65,6 +68,8 @@ class AugConfig:
         downscale: the down-scaling factor, drawn uniformly from the range (1.0 = none).
         self_blend: probability that a *real* training sample is replaced by a self-blended
             pseudo-fake of itself and labelled fake (`pipeline.augment.self_blend`); fakes never are.
+        sbi_mask: ``face``: the blend mask follows the face stage's detector box where the sample has one
+            (`pipeline.augment.face_mask`), else the default ellipse; ``ellipse``: always the ellipse.
     """
 
     apply_prob: float = 1.0
@@ -83,8 +88,11 @@ class AugConfig:
     downscale_prob: float = 0.0
     downscale: Tuple[float, float] = (0.5, 1.0)
     self_blend: float = 0.0
+    sbi_mask: str = "face"
 
     def __post_init__(self) -> None:
+        if self.sbi_mask not in SBI_MASKS:
+            raise ValueError(f"--sbi-mask {self.sbi_mask!r}: choose one of {', '.join(SBI_MASKS)}")
         if self.preprocess not in PREPROCESS:
             raise ValueError(f"--preprocess {self.preprocess!r}: choose one of {', '.join(PREPROCESS)}")
         if self.downscale_prob > 0 and self.preprocess != "crop":

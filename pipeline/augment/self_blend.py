@@ -6,25 +6,23 @@ and a frequency transform (nearest down-sampling then bilinear up-sampling, or a
 source copy is then warped slightly (scale, translation) and blended into the target through a
 soft face mask: ``mask * source + (1 - mask) * target``.
 
-Where the defaults leave SBI's code (src/utils/sbi.py, blend.py): its HueSaturationValue limits of
-+-0.3 act on uint8 HSV levels in albumentations 1.x, i.e. at most one level, so the small hue/sat/
-value ranges here are an addition; down-sampling factors are (2, 3), not (2, 4), because faces
-fill only about a third of these 256x256 crops and x4 turns them into blocks; SBI's mask comes
-from landmarks, blurred twice with kernels of 5..25 px, which ``blur_sigma`` approximates.
+Where the defaults leave SBI's code (src/utils/sbi.py, blend.py): its HueSaturationValue limits of +-0.3
+act on uint8 HSV levels in albumentations 1.x (at most one level), so the small hue/sat/value ranges here
+are an addition; down-sampling factors are (2, 3), not (2, 4) (faces fill about a third of these 256x256
+crops, and x4 turns them into blocks); SBI blurs its landmark mask twice (5..25 px), as ``blur_sigma`` does.
 
-The mask replaces SBI's landmark hull with a parametric one: an ellipse near the centre (random
-size, aspect, tilt, offset), elastically deformed by a smooth displacement field (low-resolution
-noise up-sampled), anti-aliased, Gaussian-blurred, normalised to a peak of 1, moved with the
-source's warp, and scaled by a blend ratio from ``(0.25, 0.5, 0.75, 1, 1, 1)``. It is computed on
-a grid ``mask_stride`` times coarser than the image and up-sampled bilinearly (it is smooth).
+The mask replaces SBI's landmark hull with an ellipse (random size, aspect, tilt, offset) near the centre,
+or on the face stage's detector box where the sample has one (`place_on_face`: face-aware), elastically
+deformed by a smooth displacement field, anti-aliased, blurred, normalised to a peak of 1, moved with the
+source's warp, scaled by a blend ratio from ``(0.25, 0.5, 0.75, 1, 1, 1)``; computed on a grid
+``mask_stride`` times coarser than the image and up-sampled bilinearly (it is smooth).
 
-Randomness: `draw_choice` / `sample_params` draw from the caller's generator (seed it from (seed,
-epoch, sample)); `params_from_uniforms` maps the draws, shared with `pipeline.augment.self_blend_batch`.
+Randomness: `draw_choice` / `sample_params` draw from the caller's generator (seeded from (seed, epoch,
+sample)); `params_from_uniforms` maps the draws (shared with `pipeline.augment.self_blend_batch`).
 """
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from pipeline.augment.face_mask import place_on_face
 
 N_UNIFORMS = 24  # uniforms per sample consumed by `params_from_uniforms`
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -368,12 +366,16 @@ def draw_choice(rng: np.random.Generator, p: float, cfg: SelfBlendConfig = DEFAU
 
 
 def pseudo_fake_or_real(image: np.ndarray, rng: np.random.Generator, p: float,
-                        cfg: SelfBlendConfig = DEFAULT_CONFIG) -> Tuple[np.ndarray, bool]:
-    """One real image after `draw_choice`: its pseudo-fake (with True), its transformed copy, or itself."""
+                        cfg: SelfBlendConfig = DEFAULT_CONFIG,
+                        face_box: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, bool]:
+    """One real image after `draw_choice`: its pseudo-fake (with True), its transformed copy, or itself;
+    ``face_box`` (fractions of the image) places the mask on the detected face (`place_on_face`)."""
     choice, u, noise = draw_choice(rng, p, cfg)
     if choice == KEEP:
         return image, False
     params = params_from_uniforms(u, noise, cfg)
+    if face_box is not None:
+        params = place_on_face(params, face_box, cfg)
     if choice == BLEND:
         return apply_params(_checked(image), params, cfg)[0], True
     return (image if bool(params["transform_source"]) else _transform_copy(_checked(image), params)), False
@@ -390,11 +392,8 @@ def self_blend(image: np.ndarray, rng: np.random.Generator,
 def contact_sheet(sources: Sequence[np.ndarray], blended: Sequence[np.ndarray], masks: Sequence[np.ndarray],
                   diff_gain: float = 4.0) -> np.ndarray:
     """An RGB uint8 [N*H, 4*W, 3] sheet, one row per sample: source | pseudo-fake | mask | |diff| x gain."""
-    rows = []
-    for src, out, mask in zip(sources, blended, masks, strict=True):
-        grey = np.repeat((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, 2)
-        diff = np.abs(out.astype(np.int16) - src.astype(np.int16)) * diff_gain
-        rows.append(np.hstack([src, out, grey, np.clip(diff, 0, 255).astype(np.uint8)]))
-    if not rows:
+    if len(sources) == 0:
         raise ValueError("contact_sheet: no samples given")
-    return np.vstack(rows)
+    return np.vstack([np.hstack([src, out, np.repeat((np.clip(mask, 0, 1) * 255 + 0.5).astype(np.uint8)[..., None], 3, 2),
+                                 np.clip(np.abs(out.astype(np.int16) - src.astype(np.int16)) * diff_gain, 0, 255)
+                                 .astype(np.uint8)]) for src, out, mask in zip(sources, blended, masks, strict=True)])

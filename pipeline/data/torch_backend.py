@@ -11,8 +11,7 @@ the middle of, which is read and skipped, not decoded).
 
 * train: a sample shuffle buffer per worker (seeded from ``(seed, epoch, rank, worker)``), full
   batches only, every rank stops after ``(N//W)//batch_size`` steps, so DDP never waits.
-* eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once so that every
-  rank yields the same number of batches of the same sizes (drop repeats by id).
+* eval: no shuffling; ranks with ``N//W`` samples repeat their first sample once (equal batches; drop by id).
 
 Workers read the tar members (`pipeline.data.sample_source`), draw each sample's augmentation
 parameters (`pipeline.augment.params.draw_params`, seeded from ``(seed, epoch, rank, worker)``) and,
@@ -32,14 +31,13 @@ depending on the device and ``spec.decode``, take each batch this far (``mode``)
   batch with nvJPEG and resizes it on the GPU (`pipeline.data.encoded`), then augments and
   normalises as above. float work stays on the GPU; only uint8 or encoded bytes cross processes.
 
-Self-blending (training): on a CPU and for crops the workers blend each chosen real image at native
-size (`pipeline.augment.self_blend`); in the CUDA modes they only draw the choices (label, ``KEY#sbi``)
-and the main process blends the batch on the GPU (`pipeline.augment.self_blend_batch`). Choices come
-from ``(seed, epoch, key)`` either way.
+Self-blending (training): on a CPU and for crops the workers blend each chosen real image at native size
+(`pipeline.augment.self_blend`; the mask on the face-stage box of the sample's json where it has one); in the
+CUDA modes they only draw the choices and the main process blends the batch on the GPU (ellipse mask only,
+`pipeline.augment.self_blend_batch`). Choices come from ``(seed, epoch, key)`` either way.
 
-The sample counts come from the manifest; for a pattern of local shards they are counted by
-reading the tar headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no
-rank can know its equal share of steps. Order depends on ``(seed, epoch, world_size,
+The sample counts come from the manifest; for a pattern of local shards they are counted by reading the tar
+headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no rank knows its share of steps. Order depends on ``(seed, epoch, world_size,
 num_workers)``: the same values give the same batches.
 
 Errors: a missing/truncated shard (file size against the manifest in `pipeline.data.shards`, the sample count of
@@ -64,6 +62,7 @@ from pipeline.augment import uint8_ops
 from pipeline.augment.batch_ops import apply_params, normalize_
 from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
+from pipeline.augment.face_mask import sample_face_box
 from pipeline.augment.self_blend import BLEND, pseudo_fake_or_real
 from pipeline.augment.self_blend_batch import blend_batch, choice_table, table_width
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
@@ -149,10 +148,11 @@ class _ShardStream(IterableDataset):
                             "JPEG/PNG/WebP); " + self.source.hint)
         return image, label, key
 
-    def blend(self, image: np.ndarray, label: int, key: str) -> Tuple[np.ndarray, int, str]:
-        """A real sample, maybe its pseudo-fake (label 1, id ``KEY#sbi``), drawn from (seed, epoch, key)."""
+    def blend(self, image: np.ndarray, label: int, key: str, sample: dict) -> Tuple[np.ndarray, int, str]:
+        """A real sample, maybe its pseudo-fake (label 1, ``KEY#sbi``; mask on its face box if it has one)."""
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key, "sbi"))
-        image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend)
+        image, fake = pseudo_fake_or_real(image, rng, self.aug.self_blend,
+                                          face_box=sample_face_box(sample) if self.aug.sbi_mask == "face" else None)
         return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
 
     def choose(self, labels: np.ndarray, ids: List[str]) -> Tuple[np.ndarray, List[str], np.ndarray]:
@@ -181,7 +181,7 @@ class _ShardStream(IterableDataset):
             return encode_batch(payloads, size), labels, ids, shipped, table
         decoded = [self.decode(s) for s in samples]
         if self.train and self.aug.self_blend > 0 and not self.blend_on_batch:
-            decoded = [self.blend(*d) if d[1] == 0 else d for d in decoded]
+            decoded = [self.blend(*d, s) if d[1] == 0 else d for d, s in zip(decoded, samples)]
         labels, ids, table = self.choose(np.array([d[1] for d in decoded], dtype=np.uint8), [d[2] for d in decoded])
         crop = self.aug.preprocess == "crop"
         if self.mode == "finish":

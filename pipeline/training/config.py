@@ -56,6 +56,7 @@ class TrainConfig:
     aug: str = "seed"
     preprocess: Optional[str] = None
     self_blend: float = 0.0
+    sbi_mask: str = "face"
     fakes: str = "all"
     backend: str = "auto"
     decode: str = "auto"
@@ -127,7 +128,7 @@ class TrainConfig:
     def aug_config(self) -> AugConfig:
         """The training augmentation: the ``aug`` preset, with ``preprocess`` and ``self_blend`` applied."""
         extra = {"preprocess": self.preprocess} if self.preprocess else {}
-        return AugConfig.preset(self.aug, self_blend=self.self_blend, **extra)
+        return AugConfig.preset(self.aug, self_blend=self.self_blend, sbi_mask=self.sbi_mask, **extra)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
