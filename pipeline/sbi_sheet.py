@@ -23,6 +23,8 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image
 
+from pipeline.augment.config import SBI_MASKS
+from pipeline.augment.face_mask import face_box_in_crop
 from pipeline.augment.self_blend import contact_sheet, self_blend
 from pipeline.data.folders import collect, read_item, shard_items
 from pipeline.data.shards import DataError, resolve_shards
@@ -43,6 +45,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("sheet")
     g.add_argument("--n", type=int, default=8, help="rows (sources) on the sheet, 1..64")
     g.add_argument("--seed", type=int, default=0, help="seed of the choice of sources and of the blends")
+    g.add_argument("--sbi-mask", choices=SBI_MASKS, default="face",
+                   help="face: the mask on each sample's face-stage box where it has one (packs made with --faces); "
+                        "ellipse: the default mask everywhere")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="PNG file to write")
     return p
@@ -79,7 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         except BadImage as e:
             logger.warning("skipped %s: %s", items[i].path, e)
             continue
-        out, mask = self_blend(image, np.random.default_rng([args.seed, int(i)]))
+        box = face_box_in_crop(items[i].face) if args.sbi_mask == "face" else None
+        out, mask = self_blend(image, np.random.default_rng([args.seed, int(i)]), face_box=box)
         sources.append(image), blended.append(out), masks.append(mask)
         if len(sources) == args.n:
             break

@@ -20,7 +20,8 @@ def _mask(box, seed):
     return apply_params(image, p, DEFAULT_CONFIG)[1]
 
 
-@pytest.mark.parametrize("box", [(0.05, 0.1, 0.45, 0.6), (0.5, 0.45, 0.9, 0.95), (0.3, 0.3, 0.7, 0.8)])
+@pytest.mark.parametrize("box", [(0.05, 0.1, 0.45, 0.6), (0.6, 0.5, 0.85, 0.8), (0.12, 0.1, 0.88, 0.92),
+                                 (0.2, 0.3, 0.8, 0.95)])
 def test_face_aware_mask_covers_the_face_box_and_follows_it(box):
     x0, y0, x1, y1 = (int(v * 128) for v in box)
     for seed in range(8):

@@ -35,8 +35,8 @@ def place_on_face(p: Dict[str, np.ndarray], box: Sequence[float], cfg) -> Dict[s
     size = _unit(p["half_w"], cfg.mask_half_width)
     aspect = _unit(p["half_h"] / p["half_w"], cfg.mask_aspect)
     q = dict(p)
-    q["cx"] = (x0 + x1) / 2.0 - 0.5 + p["cx"] * bw / 0.4
-    q["cy"] = (y0 + y1) / 2.0 - 0.5 - _RAISE * bh + p["cy"] * bh / 0.4
+    q["cx"] = (x0 + x1) / 2.0 + (p["cx"] - 0.5) * bw / 0.4  # p's centre is absolute (0.5 = the middle)
+    q["cy"] = (y0 + y1) / 2.0 - _RAISE * bh + (p["cy"] - 0.5) * bh / 0.4
     q["half_w"] = (_HALF_W[0] + (_HALF_W[1] - _HALF_W[0]) * size) * bw
     q["half_h"] = (_HALF_H[0] + (_HALF_H[1] - _HALF_H[0]) * (size + aspect) / 2.0) * bh
     if isinstance(p["half_w"], float):

@@ -381,11 +381,12 @@ def pseudo_fake_or_real(image: np.ndarray, rng: np.random.Generator, p: float,
     return (image if bool(params["transform_source"]) else _transform_copy(_checked(image), params)), False
 
 
-def self_blend(image: np.ndarray, rng: np.random.Generator,
-               cfg: SelfBlendConfig = DEFAULT_CONFIG) -> Tuple[np.ndarray, np.ndarray]:
+def self_blend(image: np.ndarray, rng: np.random.Generator, cfg: SelfBlendConfig = DEFAULT_CONFIG,
+               face_box: Optional[Sequence[float]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``(blended, mask)``: a pseudo-fake from one real HxWx3 uint8 RGB image; see `self_blend_pair`
-    (the same draws, without keeping the target copy)."""
-    blended, mask, _ = apply_params(_checked(image), sample_params(rng, cfg), cfg)
+    (the same draws, without keeping the target copy); ``face_box`` as in `pseudo_fake_or_real`."""
+    p = sample_params(rng, cfg)
+    blended, mask, _ = apply_params(_checked(image), place_on_face(p, face_box, cfg) if face_box else p, cfg)
     return blended, mask
 
 
