@@ -223,3 +223,13 @@ def test_group_by_ffpp_keeps_the_six_identities_of_ffpp_dev_whole(tmp_path):
     assert sorted(split_of) == ["044", "272", "396", "672", "720", "945"]
     assert all(len(s) == 1 for s in split_of.values())
     assert m["groups"]["train"] + m["groups"]["val"] == 3  # 044-945, 272-396, 672-720
+
+
+def test_dlib_hog_detector_finds_the_same_faces(tmp_path):
+    pytest.importorskip("dlib", reason="dlib-bin not installed (pip install -e '.[dlib]')")
+    faces = [face_rgb(p, 150) for p in face_jpegs("real", 2, 2)]
+    photo = write_image(tmp_path / "two.png", scene(faces, at=[(30, 80), (300, 100)]))
+    crops = extract(str(photo), FaceSettings(detector="dlib-hog", all_faces=True, face_size=48)).crops
+    centres = sorted((c.meta["box"][0] + c.meta["box"][2]) / 2 for c in crops)
+    assert len(crops) == 2 and 30 < centres[0] < 180 and 300 < centres[1] < 450
+    assert all(0.5 <= c.meta["score"] <= 1 for c in crops)
