@@ -14,7 +14,10 @@ from media_helpers import (FFPP, face_jpegs, face_rgb, scene, set_mp4_rotation, 
 
 from helpers import write_image
 from shard_tools.imageio import load_rgb
+from tqdm import tqdm
+
 from shard_tools.inspect import main as inspect_main
+from shard_tools.verify import verify_shard
 from shard_tools.media.groups import ffpp_groups, ffpp_identities, parse_rule
 from shard_tools.media.stage import FaceSettings, extract
 from shard_tools.media.video import BadMedia, evenly_spaced, sample_frames
@@ -177,6 +180,12 @@ def test_inspect_verify_catches_a_group_in_two_splits(tmp_path):
     assert inspect_main([str(out), "--verify"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["groups"]["rule"] == r"regex:^(p\d)" and m["groups"]["train"] + m["groups"]["val"] == 6
+    # a val sample whose group was already met in train is a leak the verifier names
+    val_entry = m["splits"]["val"]["shards"][0]
+    (_, meta), = [r for r in samples(out) if r[0] == "val"][:1]
+    with tqdm(disable=True) as bar:
+        _, _, problems = verify_shard(out, val_entry, "val", {}, bar, {meta["group"]: "train"})
+    assert any(f"group {meta['group']!r} is in split val and in train" in p for p in problems)
 
 
 def test_group_by_csv_column_and_regex_misses(tmp_path):
