@@ -37,7 +37,8 @@ from typing import List, Optional
 
 import torch
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.augment.config import DEFAULT_NORM, Norm
+from pipeline.checkpoint import CheckpointError, load_checkpoint, norm_of
 from pipeline.data.folders import collect
 from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
                                   stdout_bytes)
@@ -80,7 +81,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def predict(
     model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-    checkpoint: str = "the checkpoint",
+    checkpoint: str = "the checkpoint", norm: Norm = DEFAULT_NORM,
 ) -> List[dict]:
     """One row per file under ``paths``: ``{"path", "p_fake", "label", "error"}`` (None where not applicable).
 
@@ -92,7 +93,7 @@ def predict(
         logger.info("skipped %d hidden or looping entries (e.g. %s: %s)", len(skips), shown(skips[0]["path"]),
                     skips[0]["reason"])
     scores, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress, desc="predict")
+                                 num_workers=num_workers, progress=progress, desc="predict", norm=norm)
     read = [i for i in range(len(items)) if i not in errors]
     check_finite(scores[read], [items[i].path for i in read], checkpoint)
     rows = []
@@ -150,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         mode = scoring_mode(args, meta)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                       checkpoint=meta["path"])
+                       checkpoint=meta["path"], norm=norm_of(meta))
         n_err = sum(r["error"] is not None for r in rows)
         for r in rows:
             if r["error"] is not None:
