@@ -8,10 +8,11 @@ takes ``[N*r//W, N*(r+1)//W)`` of it and each of its workers a contiguous sub-ra
 Several sources (training; ``--data A --data B`` or ``--data A:0.7,B:0.3``): an epoch has
 ``T = sum(n_s)`` samples, as one pack of all of them would. Source ``s`` gets ``q_s`` of them (`quotas`):
 ``n_s`` without weights (every sample once), else ``T * w_s / sum(w)`` rounded by largest remainder, so
-the quotas add up to ``T``. Its epoch sequence is ``q_s`` samples of endless passes over its shards
-(pass ``p`` in an order shuffled from ``(seed, epoch, s, p)``) starting at an offset drawn from
-``(seed, epoch, s)``: a source weighted above its size share is read more than once per epoch (each
-repeat with its own augmentation draws), one weighted below it gives another subset each epoch. Rank ``r``
+the quotas add up to ``T``. Its epoch sequence is ``q_s`` samples of endless passes over its shards, all
+passes of an epoch in one order shuffled from ``(seed, epoch, s)``, starting (with weights) at an offset
+drawn from ``(seed, epoch, s)``: a source weighted above its size share is read more than once per
+epoch (each repeat with its own augmentation draws), one weighted below it gives another subset of
+distinct samples each epoch (a cyclic window of the pass). Rank ``r``
 takes ``[q_s*r//W, q_s*(r+1)//W)`` of every source and its workers contiguous sub-ranges of that, so
 every rank gets ``sum(q_s // W)`` samples or a few more: steps stay equal across ranks (the smallest
 rank's full batches) and DDP never waits. A worker reads its pieces of all sources interleaved sample
@@ -63,11 +64,12 @@ class Source:
 class SplitPlan:
     """The pieces each (rank, worker) reads per epoch; see the module docstring. Picklable (workers get it)."""
 
-    def __init__(self, sources: List[Source], *, seed: int, train: bool) -> None:
+    def __init__(self, sources: List[Source], *, seed: int, train: bool, weighted: bool = False) -> None:
         if len(sources) > 1 and not train:
             raise ValueError("several sources are read together only for training")
         self.sources, self.seed, self.train = sources, seed, train
         self.mixed = len(sources) > 1
+        self.weighted = weighted and self.mixed  # quotas differ from the sizes: windows at random offsets
 
     @classmethod
     def build(cls, spec: LoaderSpec, shardsets: Sequence[ShardSet]) -> "SplitPlan":
@@ -76,7 +78,7 @@ class SplitPlan:
         sources = [Source(ss, n, q, SampleSource(hint=ss.hint(), storage_options=ss.storage_options,
                                                  cache_dir=spec.cache_dir))
                    for ss, n, q in zip(shardsets, sizes, quotas([sum(n) for n in sizes], spec.weights))]
-        return cls(sources, seed=spec.seed, train=spec.train)
+        return cls(sources, seed=spec.seed, train=spec.train, weighted=spec.weights is not None)
 
     def hint(self) -> str:
         """What to run when a shard is bad (`pipeline.data.shards.VERIFY_HINT` of the pack output)."""
@@ -97,10 +99,10 @@ class SplitPlan:
     def min_rank_samples(self, world_size: int) -> int:
         return min(self.rank_samples(r, world_size) for r in range(world_size))
 
-    def _order(self, epoch: int, index: int, lap: int) -> List[int]:
+    def _order(self, epoch: int, index: int) -> List[int]:
         order = list(range(len(self.sources[index].sizes)))
         if self.train:  # the same on every rank, so the ranks' ranges partition one sequence
-            parts = (self.seed, epoch, "shards") if (index, lap) == (0, 0) else (self.seed, epoch, "shards", index, lap)
+            parts = (self.seed, epoch, "shards") if index == 0 else (self.seed, epoch, "shards", index)
             random.Random(derive_seed(*parts)).shuffle(order)
         return order
 
@@ -110,12 +112,13 @@ class SplitPlan:
         n = src.samples
         if n == 0 or lo >= hi:
             return []
-        shift = derive_seed(self.seed, epoch, "offset", index) % n if self.mixed else 0
+        shift = derive_seed(self.seed, epoch, "offset", index) % n if self.weighted else 0
         lo, hi = lo + shift, hi + shift
+        order = self._order(epoch, index)
         pieces: List[Piece] = []
         for lap in range(lo // n, (hi - 1) // n + 1):
             a, b = max(lo, lap * n) - lap * n, min(hi, (lap + 1) * n) - lap * n
-            pieces += plan_pieces(src.shardset.shards, src.sizes, self._order(epoch, index, lap), a, b,
+            pieces += plan_pieces(src.shardset.shards, src.sizes, order, a, b,
                                   src.shardset.shard_bytes, src.shardset.shard_sha256)
         return pieces
 
