@@ -95,6 +95,18 @@ class TimmDetector(nn.Module):
         self.model_name, self.input_filter = name, kwargs["input_filter"]
         self.prefilter: nn.Module = NPRFilter() if self.input_filter == "npr" else nn.Identity()
         self.backbone = _timm().create_model(arch(name), pretrained=False, num_classes=1)
+        self.init_head()
+
+    def init_head(self) -> None:
+        """Small random weights and zero bias for the one-logit head, so training starts at P(fake) ~ 0.5.
+        (Some timm inits scale by 1/sqrt(fan_out): with one output, EfficientNet's head would start at
+        weights in [-1, 1] and logits of several units.)"""
+        head = self.backbone.get_classifier()
+        for module in head.modules() if isinstance(head, nn.Module) else []:
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=0.01)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def head_prefixes(self) -> Tuple[str, ...]:
         """State-dict key prefixes of the classifier head (new, one logit: never loaded from ImageNet weights)."""
