@@ -182,3 +182,26 @@ def test_dali_loader_refuses_and_auto_picks_torch(packed, other):
     assert LoaderSpec(sources, "train", train=True, backend="auto", device="cpu").backend == "torch"
     with pytest.raises(ValueError, match="only for training"):
         LoaderSpec(sources, "val", train=False)
+
+
+def test_two_processes_get_equal_steps_from_unequal_shares(packed, other, tmp_path):
+    """Real DDP over gloo: odd weighted quotas split unevenly over 2 ranks (here 59 + 25 of 84: 29/30 and
+    12/13 per rank), yet both run the same steps (fewer on one rank would hang the other in all-reduce)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(repo / "pipeline" / "train.py"), "--cpu", "--data", f"{packed}:0.7,{other}:0.3", "--out", str(run),
+           "--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--epochs", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo), ACCELERATE_USE_CPU="true")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    ranks = [json.loads((run / "ranks" / f"rank-{i}.json").read_text()) for i in (0, 1)]
+    assert summary["num_processes"] == 2 and ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"] > 0
+    assert ranks[0]["param_checksum"] == ranks[1]["param_checksum"]
+    assert summary["best"]["n"] == sum(s["val_samples"] for s in summary["sources"])
