@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 from model import INPUT_FILTERS, is_timm, list_models, validate_kwargs
 from pipeline.augment.config import DEFAULT_NORM, PREPROCESS, PRESETS, AugConfig, Norm, check_norm
