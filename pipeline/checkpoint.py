@@ -29,7 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from pipeline.augment.config import MEAN, PREPROCESS, STD
+from pipeline.augment.config import DEFAULT_NORM, PREPROCESS, Norm, check_norm
 from shard_tools.fsutil import atomic_write_bytes
 
 FORMAT = "deepfake-detector/1"
@@ -71,9 +71,12 @@ def _clean(obj: Any) -> Any:
 
 def save_checkpoint(
     path: Union[str, Path], model: nn.Module, *, model_name: str, image_size: int,
-    extra: Optional[Mapping[str, Any]] = None,
+    extra: Optional[Mapping[str, Any]] = None, norm: Norm = DEFAULT_NORM,
 ) -> Path:
     """Write the unwrapped ``model``'s weights and metadata to ``path`` atomically.
+
+    ``norm``: the ``(mean, std)`` the model's inputs were normalised with (stored as ``mean``/``std``;
+    evaluate, predict and export normalise with it: `norm_of`).
 
     ``extra`` adds metadata: ``epoch`` (int), ``metrics`` (dict), ``model_kwargs`` (dict passed to
     `model.create_model`, so a variant built with overrides loads back; the model's ``input_filter``
@@ -90,7 +93,7 @@ def save_checkpoint(
             raise ValueError(f"{path}: model_kwargs input_filter={kwargs['input_filter']!r}, but the model's is {actual!r}")
     meta: Dict[str, str] = {
         "format": FORMAT, "model": str(model_name), "image_size": str(int(image_size)),
-        "mean": json.dumps(list(MEAN)), "std": json.dumps(list(STD)),
+        "mean": json.dumps(list(norm[0])), "std": json.dumps(list(norm[1])),
         "epoch": json.dumps(extra.pop("epoch", None)),
         "metrics": json.dumps(_clean(extra.pop("metrics", {})), default=_json_default),
         "model_kwargs": json.dumps(_clean(kwargs), default=_json_default),
@@ -144,15 +147,15 @@ _JSON_RULES = {
 
 def _parse_fields(path: Path, raw: Mapping[str, str]) -> Dict[str, Any]:
     """The decoded, bounded metadata; `CheckpointError` naming the first bad field."""
-    from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, list_models, validate_kwargs
+    from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, is_timm, list_models, validate_kwargs
 
     meta: Dict[str, Any] = dict(raw)
     for key in ("model", "image_size"):
         if key not in raw:
             raise CheckpointError(f"{path}: checkpoint metadata has no {key!r} field")
-    if raw["model"] not in list_models():
+    if raw["model"] not in list_models() and not is_timm(raw["model"]):
         raise CheckpointError(f"{path}: metadata model: unknown model {_show(raw['model'])} "
-                              f"(known: {', '.join(list_models())})")
+                              f"(known: {', '.join(list_models())}, timm/NAME)")
     size = raw["image_size"].strip()
     if not (size.isascii() and size.isdigit() and MIN_IMAGE_SIZE <= int(size) <= MAX_IMAGE_SIZE):
         raise _bad(path, "image_size", raw["image_size"], f"must be an int in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}]")
@@ -284,13 +287,25 @@ def load_checkpoint(path_or_run_dir: Union[str, Path], device: Union[str, torch.
     meta = read_metadata(path_or_run_dir)
     path = Path(meta["path"])
     try:
+        with torch.device("meta"):  # shapes only: names and shapes are checked before anything is allocated
+            skeleton = create_model(meta["model"], **meta["model_kwargs"])
+        state = _read_state(path, meta["model"], skeleton.state_dict())
+        _check_finite(path, state)
         model = create_model(meta["model"], **meta["model_kwargs"])
-    except (TypeError, ValueError) as e:  # validated already; kept as a last guard
+    except (TypeError, ValueError) as e:  # validated already (timm may be missing); kept as a last guard
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: cannot build {meta['model']} with model_kwargs {meta['model_kwargs']}: {e}") from None
-    state = _read_state(path, meta["model"], model.state_dict())
-    _check_finite(path, state)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), meta
+
+
+def norm_of(meta: Mapping[str, Any]) -> Norm:
+    """The ``(mean, std)`` a checkpoint's model expects (`read_metadata`'s ``mean``/``std``; the default
+    for a checkpoint without them)."""
+    if "mean" not in meta or "std" not in meta:
+        return DEFAULT_NORM
+    return check_norm((meta["mean"], meta["std"]), f"{meta.get('path', 'checkpoint')}: metadata mean/std")
 
 
 def _short(items: list, n: int = 3) -> str:

@@ -48,7 +48,8 @@ import logging
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.augment.config import Norm
+from pipeline.checkpoint import CheckpointError, load_checkpoint, norm_of
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
@@ -173,22 +174,25 @@ def log_table(report: dict) -> None:
                     row["accuracy"], "n/a" if auc is None or auc != auc else f"{auc:.4f}")
 
 
-def _spec(args: argparse.Namespace, size: int) -> LoaderSpec:
+def _spec(args: argparse.Namespace, size: int, norm: Norm) -> LoaderSpec:
     return LoaderSpec(args.data, args.split, train=False, backend=args.backend, device=args.device,
                       batch_size=args.batch_size, image_size=size, aug="none", num_workers=args.workers,
                       storage_options=parse_storage_options(args.storage_options), cache_dir=args.cache_dir,
-                      decode=args.decode)
+                      decode=args.decode, norm=norm)
 
 
-def _score(args: argparse.Namespace, model, size: int, mode: str, real=None, fake=None, need_items: bool = False):
-    """(scores, items, skipped, inputs) of --data, or of the folders ``real``/``fake``."""
+def _score(args: argparse.Namespace, model, meta: dict, mode: str, real=None, fake=None, need_items: bool = False):
+    """(scores, items, skipped, inputs) of --data, or of the folders ``real``/``fake``, as the checkpoint
+    (``meta``: image size, normalisation) says."""
+    size, norm = int(meta["image_size"]), norm_of(meta)
     if real is None and args.data is not None:
-        spec = _spec(args, size)
+        spec = _spec(args, size, norm)
         s, items = score_split(model, spec, mode, need_items=need_items)
         return s, items, [], {"data": str(args.data), "split": args.split, "backend": spec.backend}
     real, fake = real or args.real, fake or args.fake
     s, items, skipped = score_folders(model, real, fake, image_size=size, mode=mode, device=args.device,
-                                      batch_size=args.batch_size, num_workers=args.workers, faces=args.face_settings)
+                                      batch_size=args.batch_size, num_workers=args.workers, faces=args.face_settings,
+                                      norm=norm)
     return s, items, skipped, {"real": list(real), "fake": list(fake)}
 
 
@@ -202,7 +206,7 @@ def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
     rows = []
     for mode in [args.scoring] if args.scoring else list(SCORING):
         for name, real, fake in sets:
-            s, _, skipped, _ = _score(args, model, size, mode, real, fake)
+            s, _, skipped, _ = _score(args, model, meta, mode, real, fake)
             check_finite(s.scores, s.ids, meta["path"])
             rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
             if s.has_faces:
@@ -276,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.set:
             return _cross_source(args, model, meta)
         size, mode = int(meta["image_size"]), scoring_mode(args, meta)
-        s, items, skipped, source = _score(args, model, size, mode, need_items=args.robustness)
+        s, items, skipped, source = _score(args, model, meta, mode, need_items=args.robustness)
         check_finite(s.scores, s.ids, meta["path"])
     except (CheckpointError, DataError, InputError, OutputError, FileNotFoundError, ValueError) as e:
         logger.error("evaluate: %s", shown(e))
@@ -294,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.robustness:
         clean = (s.labels, s.scores) if args.data is None or mode in ("full", "tiles") else None
         rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=size, mode=mode,
-                        device=args.device, batch_size=args.batch_size, num_workers=args.workers)
+                        device=args.device, batch_size=args.batch_size, num_workers=args.workers, norm=norm_of(meta))
     try:
         names = _write(args, _outputs(args, meta, s, report, rob, mode))
     except OutputError as e:

@@ -37,7 +37,8 @@ from typing import List, Optional
 
 import torch
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint
+from pipeline.augment.config import DEFAULT_NORM, Norm
+from pipeline.checkpoint import CheckpointError, load_checkpoint, norm_of
 from pipeline.data.folders import collect
 from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
                                   stdout_bytes)
@@ -86,7 +87,7 @@ def predict(
     model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
     checkpoint: str = "the checkpoint", faces: Optional[FaceSettings] = None, pool: str = "mean",
-    per_frame: bool = False,
+    per_frame: bool = False, norm: Norm = DEFAULT_NORM,
 ) -> List[dict]:
     """One row per file under ``paths``: ``{"path", "p_fake", "label", "error", "kind", "frames", "faces"}``
     (None where not applicable). With a face stage (``faces``) a photo's score is the max over its faces and a
@@ -102,7 +103,8 @@ def predict(
                     skips[0]["reason"])
     crops, owner, errors, infos = expand(files, faces, workers=num_workers, progress=progress)
     scores, crop_errors = score_items(model, crops, image_size=image_size, mode=mode, device=device,
-                                      batch_size=batch_size, num_workers=num_workers, progress=progress, desc="predict")
+                                      batch_size=batch_size, num_workers=num_workers, progress=progress, desc="predict",
+                                      norm=norm)
     read = [j for j in range(len(crops)) if j not in crop_errors]
     check_finite(scores[read], [crops[j].path for j in read], checkpoint)
     for j, err in crop_errors.items():
@@ -180,7 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                        checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
-                       per_frame=args.per_frame)
+                       per_frame=args.per_frame, norm=norm_of(meta))
         rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
         n_err = sum(r["error"] is not None for r in rows)
         for r in rows:

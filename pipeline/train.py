@@ -44,10 +44,14 @@ logger = logging.getLogger(__name__)
 
 def _add_data_args(p: argparse.ArgumentParser, d) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True,
+    g.add_argument("--data", required=True, action="append", metavar="PACK[:WEIGHT]",
                    help="a deepfake-pack output (with manifest.json: train and val splits): a local folder or a URL "
                         "(s3://bucket/prefix, https://host/prefix, gs://..., file://...; streamed through fsspec), or a "
-                        "local shard pattern of the train split (/data/train-{000000..000009}.tar, then --val-data too)")
+                        "local shard pattern of the train split (/data/train-{000000..000009}.tar, then --val-data too). "
+                        "Several sources: repeat it (--data A --data B) or list them with sampling weights "
+                        "(--data A:0.7,B:0.3): an epoch has as many samples as all their train splits together, shared "
+                        "by weight (without weights: each sample once); validation reports each source's val split "
+                        "(val_roc_auc/NAME) and all together (torch backend)"),
     g.add_argument("--val-data", default=None,
                    help="where the validation split is, when not the 'val' split of --data (needed when --data is a pattern)")
     g.add_argument("--storage-options", default=None, metavar="JSON",
@@ -108,7 +112,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     _add_data_args(p, d)
     _add_aug_args(p, d)
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d["model"].default, help=f"model variant (model.create_model): {', '.join(list_models())}")
+    g.add_argument("--model", default=d["model"].default,
+                   help=f"model (model.create_model): {', '.join(list_models())}, or timm/NAME for any timm architecture "
+                        "(e.g. timm/tf_efficientnet_lite0, timm/resnet18; built with a one-logit head)")
+    g.add_argument("--pretrained", default=d["pretrained"].default, metavar="SOURCE",
+                   help="initial weights of the backbone: a local .safetensors or torch file (read weights-only, matched "
+                        "by name), efficientnet-lite0/1/2 (ImageNet weights from the pip packages of the [pretrained] "
+                        "extra, for timm/tf_efficientnet_lite0/1/2), or timm (timm's hub: downloads). The classifier "
+                        "head is always new. The input normalisation follows the weights (and is saved in the checkpoint)")
+    g.add_argument("--backbone-lr-scale", type=float, default=d["backbone_lr_scale"].default,
+                   help="with --pretrained: the backbone's learning rate is --lr times this (the new head gets --lr)")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="keep every BatchNorm layer in eval mode with its statistics and affine parameters fixed "
+                        "(usual when fine-tuning a pretrained backbone with small per-process batches)")
     g.add_argument("--input-filter", default=None, choices=INPUT_FILTERS,
                    help="none: the image as it is; npr: the NPR residual x - up(down(x)) (Tan et al. 2024), applied "
                         "inside the model (so evaluate, predict and ONNX get it too); default: the variant's own "

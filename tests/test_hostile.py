@@ -205,7 +205,8 @@ def test_output_refused_before_any_work(world, tmp_path, monkeypatch, caplog, cl
     def boom(*a, **k):
         raise AssertionError("work started before the output was checked")
     for module, attr in (("pipeline.evaluate", "load_checkpoint"), ("pipeline.predict", "load_checkpoint"),
-                         ("pipeline.export", "load_checkpoint"), ("pipeline.training.loop", "build_loader")):
+                         ("pipeline.export", "load_checkpoint"), ("pipeline.training.setup", "build_loader"),
+                         ("pipeline.training.setup", "build_model")):
         monkeypatch.setattr(f"{module}.{attr}", boom)
     argv = (["--data", str(world["packed"]), "--out", str(out), *TINY] if cli == "train"
             else cli_args(cli, world, out))
@@ -513,6 +514,7 @@ def test_error_messages_name_only_flags_the_command_has():
         "pipeline/scoring/cli.py": ["evaluate", "predict"], "pipeline/training/config.py": ["train"],
         "pipeline/training/loop.py": ["train"], "pipeline/training/rundir.py": ["train"],
         "pipeline/training/epoch.py": ["train"], "pipeline/scoring/score.py": ["evaluate"],
+        "pipeline/training/setup.py": ["train"], "pipeline/training/sources.py": ["train"], "model/pretrained.py": ["train"],
         "pipeline/data/folders.py": ["evaluate", "predict"],
     }
     have = {name: flags({"evaluate": evaluate, "predict": predict, "export": export, "train": train}[name])

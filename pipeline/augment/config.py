@@ -20,15 +20,33 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Tuple
+import math
+from typing import Any, Tuple
 
-# Normalisation applied by every loader after augmentation (ImageNet statistics, RGB, on 0..1).
+# The default normalisation after augmentation (ImageNet statistics, RGB, on 0..1): DeepfakeNet's.
 MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+# ``(mean, std)`` per RGB channel on 0..1: every loader and scoring path computes ``(x / 255 - mean) / std``.
+# A checkpoint records the one it was trained with (a pretrained backbone brings its own, e.g. 0.5/0.5).
+Norm = Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+DEFAULT_NORM: Norm = (MEAN, STD)
+
 PRESETS = ("none", "seed", "robust", "artifact")
 PREPROCESS = ("resize", "crop")
+
+
+def check_norm(norm: Any, what: str = "norm") -> Norm:
+    """``norm`` as a `Norm` of floats; ValueError naming ``what`` unless it is two triples of finite
+    numbers with every std > 0."""
+    ok = isinstance(norm, (list, tuple)) and len(norm) == 2 and all(
+        isinstance(v, (list, tuple)) and len(v) == 3
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        for v in norm)
+    if not ok or not all(x > 0 for x in norm[1]):
+        raise ValueError(f"{what} {norm!r}: expected (mean, std), each 3 finite numbers, every std > 0")
+    return tuple(float(x) for x in norm[0]), tuple(float(x) for x in norm[1])  # type: ignore[return-value]
 
 
 def _check_range(name: str, rng: Tuple[float, float], lo: float, hi: float) -> None:

@@ -26,6 +26,7 @@ which the torch backend's workers write straight into a shared-memory batch (`pi
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import weakref
 from typing import Dict, List, Optional, Tuple
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment.config import MEAN, STD
+from pipeline.augment.config import DEFAULT_NORM, Norm
 from pipeline.augment.crop import crops_into
 from pipeline.augment.params import AugParams, inverse_affine
 
@@ -194,12 +195,12 @@ def _flip_code(inv: np.ndarray) -> Optional[int]:
     return None
 
 
-def _normalize_table() -> np.ndarray:
-    table = (np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.array(MEAN)) / np.array(STD)
+@functools.lru_cache(maxsize=8)
+def normalize_table(norm: Norm = DEFAULT_NORM) -> np.ndarray:
+    """The ``cv2.LUT`` table of `normalize_into` for ``norm``: ``(v / 255 - mean) / std`` of every byte
+    value per channel, in float64 rounded once to float32."""
+    table = (np.arange(256, dtype=np.float64)[:, None] / 255.0 - np.array(norm[0])) / np.array(norm[1])
     return table.astype(np.float32).reshape(256, 1, 3)
-
-
-_NORMALIZE_TABLE = _normalize_table()
 
 
 class BufferPool:
@@ -252,9 +253,10 @@ def normalize_hwc(batch: torch.Tensor, pool: Optional[BufferPool] = None) -> tor
     return out.permute(0, 3, 1, 2)
 
 
-def normalize_into(images: np.ndarray, out: np.ndarray) -> None:
+def normalize_into(images: np.ndarray, out: np.ndarray, table: Optional[np.ndarray] = None) -> None:
     """uint8 [N, H, W, 3] ``images`` -> normalised float32 written into ``out`` (same shape, C-contiguous,
-    e.g. a shared-memory batch): the `normalize_hwc` table lookup without an allocation."""
+    e.g. a shared-memory batch): the `normalize_hwc` table lookup without an allocation. ``table``:
+    `normalize_table` of the loader's normalisation (default: `DEFAULT_NORM`'s)."""
     if images.dtype != np.uint8 or out.dtype != np.float32 or images.shape != out.shape or images.ndim != 4 \
             or images.shape[-1] != 3 or not out.flags.c_contiguous:
         raise ValueError(f"expected uint8 N x H x W x 3 images and a C-contiguous float32 output of the same shape, "
@@ -262,4 +264,4 @@ def normalize_into(images: np.ndarray, out: np.ndarray) -> None:
     n, h, w, _ = images.shape
     if n:
         src = np.ascontiguousarray(images).reshape(n * h, w, 3)
-        cv2.LUT(src, _NORMALIZE_TABLE, dst=out.reshape(n * h, w, 3))
+        cv2.LUT(src, normalize_table() if table is None else table, dst=out.reshape(n * h, w, 3))

@@ -5,14 +5,16 @@
 the shards once. Contract of the returned loader (both backends):
 
 * iterating yields ``Batch(images, labels, ids)``: images float32 NCHW ``image_size`` square,
-  normalised with `pipeline.augment.config.MEAN`/``STD``, on ``device`` (the torch backend on CPU
+  normalised with ``spec.norm`` (``(x / 255 - mean) / std``; default ImageNet's), on ``device`` (the torch backend on CPU
   gives them channels-last memory: use ``reshape``, not ``view``, to flatten one); labels float32
   ``[N]`` on ``device`` (1 = fake, 0 = real); ids the ``__key__`` of each sample (list of str).
 * ``len(loader)`` is the number of batches per epoch, the same on every rank.
 * ``loader.set_epoch(e)`` makes the next pass deterministic from ``(seed, e)``: the same seed and
   epoch give the same order and augmentation; another epoch gives another order.
 * ``train=True``: each rank sees a disjoint part of the split, no id twice within an epoch on a
-  rank, the last partial batch dropped, equal steps per rank.
+  rank, the last partial batch dropped, equal steps per rank. Several sources (``data`` a tuple, torch
+  backend): each source's share of the epoch follows ``weights`` (`pipeline.data.mixture`); a source
+  read more than once per epoch repeats ids.
 * ``train=False``: across all ranks every id of the split appears at least once per epoch; to keep
   steps equal a rank may repeat ids of its own part as padding. Consumers drop repeats by id
   (`drop_repeats`).
@@ -26,13 +28,14 @@ import dataclasses
 import hashlib
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from model import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
-from pipeline.augment.config import AugConfig
+from pipeline.augment.config import DEFAULT_NORM, AugConfig, Norm, check_norm
 
 BACKENDS = ("dali", "torch")
 BACKEND_CHOICES = ("auto",) + BACKENDS
@@ -64,10 +67,13 @@ def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
     return "torch"
 
 
-def dali_unsupported(aug: AugConfig) -> Optional[str]:
-    """The flag the DALI backend does not implement for ``aug``, or None (it does everything else)."""
+def dali_unsupported(aug: AugConfig, sources: int = 1) -> Optional[str]:
+    """What the DALI backend does not implement for ``aug`` and ``sources`` pack outputs, as the flag
+    that asks for it, or None (it does everything else)."""
     if aug.self_blend > 0:
         return "--self-blend"
+    if sources > 1:
+        return "--data (several sources)"
     return None
 
 
@@ -82,7 +88,8 @@ class LoaderSpec:
     """Every setting of a loader; validated on construction, errors name the flag.
 
     Attributes:
-        data: a pack output folder (its manifest) or a shard pattern.
+        data: a pack output folder (its manifest) or a shard pattern; or, for training with the torch
+            backend, a tuple of several pack outputs read as one mixture (`pipeline.data.mixture`).
         split: the split to read (``train``, ``val``).
         train: training mode (shuffled, augmented, full batches, disjoint per rank) or eval mode.
         backend: ``dali``, ``torch``, or ``auto`` (`resolve_backend`); replaced by the concrete one.
@@ -103,6 +110,9 @@ class LoaderSpec:
             DALI decodes with nvJPEG on CUDA and on the CPU otherwise, whatever this says.
         fakes: ``all``, or ``sbi-only``: training leaves the split's fakes out (reals and their
             self-blended pseudo-fakes only; needs ``aug.self_blend`` > 0). Evaluation always reads all.
+        weights: with several ``data`` sources, the sampling weight of each (any positive numbers, made
+            relative); None: each source in proportion to its size (every sample once per epoch).
+        norm: ``(mean, std)`` of the normalisation (`pipeline.augment.config.Norm`): the model's.
     """
 
     data: str
@@ -121,6 +131,8 @@ class LoaderSpec:
     cache_dir: Optional[str] = None
     fakes: str = "all"
     decode: str = "auto"
+    weights: Optional[Tuple[float, ...]] = None
+    norm: Norm = DEFAULT_NORM
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -147,15 +159,42 @@ class LoaderSpec:
             aug = AugConfig.preset("seed" if self.train else "none")
         elif isinstance(aug, str):
             aug = AugConfig.preset(aug)
-        object.__setattr__(self, "data", str(self.data))
+        object.__setattr__(self, "data", self._check_sources())
+        object.__setattr__(self, "norm", check_norm(self.norm, "the normalisation (mean, std)"))
         object.__setattr__(self, "device", device)
         object.__setattr__(self, "aug", aug)
         backend = resolve_backend(self.backend, device)
-        if self.backend == "auto" and backend == "dali" and dali_unsupported(aug):
+        if self.backend == "auto" and backend == "dali" and dali_unsupported(aug, len(self.sources)):
             backend = "torch"  # auto never picks a backend that cannot do what was asked
         object.__setattr__(self, "backend", backend)
         if self.decode == "auto":
             object.__setattr__(self, "decode", "gpu" if device.type == "cuda" else "cpu")
+
+    @property
+    def sources(self) -> Tuple[str, ...]:
+        """The pack outputs read: ``(data,)``, or the tuple of several."""
+        return self.data if isinstance(self.data, tuple) else (self.data,)
+
+    def _check_sources(self) -> Union[str, Tuple[str, ...]]:
+        """``data`` as one str, or a tuple of several; ValueError naming the flag for a bad combination."""
+        one = isinstance(self.data, (str, os.PathLike))
+        sources = (str(self.data),) if one else tuple(str(d) for d in self.data)
+        if not sources:
+            raise ValueError("--data: give at least one pack output")
+        if self.weights is not None:
+            if len(self.weights) != len(sources):
+                raise ValueError(f"--data: {len(self.weights)} weights for {len(sources)} sources")
+            if not all(isinstance(w, (int, float)) and math.isfinite(w) and w > 0 for w in self.weights):
+                raise ValueError(f"--data: weights {list(self.weights)}: each must be a positive number")
+            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if len(sources) == 1:
+            return sources[0]
+        if not self.train:
+            raise ValueError("--data: several sources are read together only for training; score each source's "
+                             "split on its own")
+        if self.fakes != "all":
+            raise ValueError("--fakes sbi-only: not implemented with several --data sources")
+        return sources
 
     def replace(self, **changes) -> "LoaderSpec":
         """A copy with some fields changed (validated again), e.g. the val spec from the train spec."""

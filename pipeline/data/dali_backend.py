@@ -182,7 +182,7 @@ class DaliLoader:
     """
 
     def __init__(self, spec: LoaderSpec, shardset: ShardSet) -> None:
-        missing = dali_unsupported(spec.aug)
+        missing = dali_unsupported(spec.aug, len(spec.sources))
         if missing:
             raise ValueError(f"{missing}: not implemented in the DALI backend; use --backend torch (or auto)")
         if shardset.remote:  # DALI reads local files: fetch the split once, verified, into the cache
@@ -237,7 +237,7 @@ class DaliLoader:
             pipe = self._ops.build_pipeline(
                 shards, indexes, device_id=self.device_id, train=self.train, aug=self.aug,
                 image_size=self.image_size, batch_size=self.batch_size, num_threads=self.num_threads,
-                rank=self.rank, world_size=self.world_size, reader_seed=seed,
+                norm=self.spec.norm, rank=self.rank, world_size=self.world_size, reader_seed=seed,
                 # per rank: otherwise sample i of every rank's batch would draw the same transform
                 op_seed=derive_seed(self.seed, epoch, self.rank),
                 initial_fill=max(1, min(per_rank, MAX_SHUFFLE_BUFFER)),

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence
 from nvidia.dali import fn, math, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
-from pipeline.augment.config import MEAN, STD, AugConfig
+from pipeline.augment.config import AugConfig, Norm
 
 READER_NAME = "Reader"
 
@@ -146,7 +146,7 @@ def _augment(images, aug: AugConfig, size: int):
 @pipeline_def(enable_conditionals=True)
 def _graph(
     shards: List[str], indexes: List[str], *, gpu: bool, train: bool, aug: AugConfig, image_size: int,
-    rank: int, world_size: int, reader_seed: int, initial_fill: int,
+    norm: Norm, rank: int, world_size: int, reader_seed: int, initial_fill: int,
 ):
     encoded, cls = fn.readers.webdataset(
         paths=shards, index_paths=indexes, ext=[IMAGE_EXT, "cls"], missing_component_behavior="error",
@@ -167,14 +167,14 @@ def _graph(
         images = _augment(images, aug, image_size)
     images = fn.crop_mirror_normalize(
         images, dtype=types.FLOAT, output_layout="CHW",
-        mean=[255.0 * m for m in MEAN], std=[255.0 * s for s in STD],
+        mean=[255.0 * m for m in norm[0]], std=[255.0 * s for s in norm[1]],
     )
     return images, fn.pad(cls, fill_value=0), info
 
 
 def build_pipeline(
     shards: List[str], indexes: List[str], *, device_id: Optional[int], train: bool, aug: AugConfig,
-    image_size: int, batch_size: int, num_threads: int, rank: int, world_size: int, reader_seed: int,
+    image_size: int, batch_size: int, num_threads: int, norm: Norm, rank: int, world_size: int, reader_seed: int,
     op_seed: int, initial_fill: int,
 ) -> Pipeline:
     """Build (not yet run) one DALI pipeline for this rank; ``device_id=None`` means CPU only.
@@ -183,7 +183,7 @@ def build_pipeline(
     op, so the same arguments give the same order and augmentation.
     """
     pipe = _graph(
-        shards, indexes, gpu=device_id is not None, train=train, aug=aug, image_size=image_size,
+        shards, indexes, gpu=device_id is not None, train=train, aug=aug, image_size=image_size, norm=norm,
         rank=rank, world_size=world_size, reader_seed=reader_seed, initial_fill=initial_fill,
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=op_seed,
     )

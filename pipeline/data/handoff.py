@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from pipeline.augment import uint8_ops
+from pipeline.augment.config import DEFAULT_NORM, Norm
 
 # One slab per batch a worker has in flight (DataLoader's prefetch_factor, 2) plus one for the batch
 # the main process holds; more only helps consumers that keep batches, who get fresh ones instead.
@@ -65,8 +66,8 @@ def new_shared(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class SlabWriter:
     """The worker-side half of a `SlabPool` (what is pickled into the workers' dataset)."""
 
-    def __init__(self, data: torch.Tensor, busy: torch.Tensor, per_worker: int) -> None:
-        self.data, self.busy, self.per_worker = data, busy, per_worker
+    def __init__(self, data: torch.Tensor, busy: torch.Tensor, per_worker: int, table: np.ndarray) -> None:
+        self.data, self.busy, self.per_worker, self.table = data, busy, per_worker, table
 
     def write(self, images: np.ndarray, worker: int) -> Union[Slab, torch.Tensor]:
         """Normalise uint8 [n, S, S, 3] ``images`` into a free slab of ``worker``; the `Slab`, or a fresh
@@ -77,10 +78,10 @@ class SlabWriter:
         for index in range(lo, lo + self.per_worker):
             if busy[index] == FREE:
                 busy[index] = FILLED
-                uint8_ops.normalize_into(images, self.data[index, :n].numpy())
+                uint8_ops.normalize_into(images, self.data[index, :n].numpy(), self.table)
                 return Slab(index, n)
         out = new_shared(images.shape, torch.float32)
-        uint8_ops.normalize_into(images, out.numpy())
+        uint8_ops.normalize_into(images, out.numpy(), self.table)
         return out
 
     def free_stale(self, worker: int) -> None:
@@ -93,15 +94,17 @@ class SlabWriter:
 
 
 class SlabPool:
-    """Shared-memory float32 batches recycled between a loader's workers and its main process."""
+    """Shared-memory float32 batches recycled between a loader's workers and its main process; the workers
+    normalise into them with ``norm`` (mean, std)."""
 
-    def __init__(self, workers: int, batch_shape: Tuple[int, ...], per_worker: int = SLABS_PER_WORKER) -> None:
+    def __init__(self, workers: int, batch_shape: Tuple[int, ...], per_worker: int = SLABS_PER_WORKER,
+                 norm: Norm = DEFAULT_NORM) -> None:
         count = max(1, workers) * per_worker
         self.batch_shape, self.workers, self.per_worker = tuple(batch_shape), max(1, workers), per_worker
         # no worker processes (workers=0): plain memory, nothing to share
         alloc = new_shared_always if workers > 0 else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
         self.writer = SlabWriter(alloc((count, *batch_shape), torch.float32), alloc((count,), torch.uint8).zero_(),
-                                 per_worker)
+                                 per_worker, uint8_ops.normalize_table(norm))
         self._arrays = self.writer.data.numpy()
         self._busy = self.writer.busy.numpy()
         self.fresh = 0  # batches that came as fresh shared memory because every slab was held

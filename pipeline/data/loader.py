@@ -8,7 +8,8 @@ Two interchangeable backends with the same contract (`pipeline.data.contract`):
   workers; per-sample augmentation on the batch on the GPU (`pipeline.augment.batch_ops`), or, on a
   CPU, in the workers in uint8 (`pipeline.augment.uint8_ops`). The faster backend on CPU.
 
-A new backend: a class taking ``(spec, shardset)`` that keeps the contract, and one line in
+A new backend: a class taking ``(spec, shardset)`` (a list of shardsets for several ``spec.sources``)
+that keeps the contract, and one line in
 `BACKEND_CLASSES` (and its name in `pipeline.data.contract.BACKENDS`).
 """
 from __future__ import annotations
@@ -33,6 +34,6 @@ def build_loader(spec: LoaderSpec):
     """
     module, name = BACKEND_CLASSES[spec.backend]
     cls = getattr(importlib.import_module(module), name)  # DALI itself is imported only when the graph is built
-    shardset = resolve_shards(spec.data, spec.split, need_index=spec.backend == "dali",
-                              storage_options=spec.storage_options)
-    return cls(spec, shardset)
+    shardsets = [resolve_shards(data, spec.split, need_index=spec.backend == "dali",
+                                storage_options=spec.storage_options) for data in spec.sources]
+    return cls(spec, shardsets[0] if len(shardsets) == 1 else shardsets)

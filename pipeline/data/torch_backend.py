@@ -1,13 +1,15 @@
 """torchvision backend: webdataset stream -> uint8 decode + resize in workers -> augment on the device.
 
-How a split is divided (the same for train and eval): the shards, in an order shuffled from
-``(seed, epoch)`` for training and in manifest order for evaluation, are seen as one sequence of
-``N`` samples. Rank ``r`` of ``W`` takes the contiguous range ``[N*r//W, N*(r+1)//W)`` of it, and
-each DataLoader worker a contiguous sub-range of that; a range becomes "pieces" (shard, first
-sample, end sample). So ranks and workers split by *sample*, never by whole shard: fewer shards
+How a split is divided (the same for train and eval; `pipeline.data.mixture`): the shards, in an
+order shuffled from ``(seed, epoch)`` for training and in manifest order for evaluation, are seen as
+one sequence of ``N`` samples. Rank ``r`` of ``W`` takes the contiguous range ``[N*r//W, N*(r+1)//W)``
+of it, and each DataLoader worker a contiguous sub-range of that; a range becomes "pieces" (shard,
+first sample, end sample). So ranks and workers split by *sample*, never by whole shard: fewer shards
 than ranks x workers cannot leave a worker idle or a rank short, every rank gets ``N//W`` or
 ``N//W + 1`` samples, and a rank reads only its own shards (plus the head of a shard it starts in
-the middle of, which is read and skipped, not decoded).
+the middle of, which is read and skipped, not decoded). Several sources (training): each source's
+share of the epoch follows its weight and is divided the same way; a worker reads its pieces of all
+of them interleaved (`pipeline.data.mixture.SplitPlan`).
 
 * train: a sample shuffle buffer per worker (seeded from ``(seed, epoch, rank, worker)``), full
   batches only, every rank stops after ``(N//W)//batch_size`` steps, so DDP never waits.
@@ -50,7 +52,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -65,11 +67,12 @@ from pipeline.augment.params import draw_params, params_from_tensor, params_to_t
 from pipeline.augment.face_mask import sample_face_box
 from pipeline.augment.self_blend import BLEND, pseudo_fake_or_real
 from pipeline.augment.self_blend_batch import blend_batch, choice_table, table_width
-from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed, rank_share
+from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed
 from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
-from pipeline.data.sample_source import Piece, SampleSource, plan_pieces
-from pipeline.data.shards import DataError, ShardSet, sample_counts
+from pipeline.data.mixture import SplitPlan
+from pipeline.data.sample_source import Piece
+from pipeline.data.shards import DataError, ShardSet
 from shard_tools.format import IMAGE_EXTS
 
 logger = logging.getLogger(__name__)
@@ -101,12 +104,12 @@ class _ShardStream(IterableDataset):
     ``encoded`` (GPU decode) ship the JPEG bytes and the parameters (`pipeline.data.encoded`).
     """
 
-    def __init__(self, shardset: ShardSet, sizes: List[int], *, source: SampleSource, image_size: int,
-                 batch_size: int, train: bool, aug: AugConfig, mode: str, writer: Optional[SlabWriter], seed: int,
-                 rank: int, world_size: int, reals_only: bool = False, blend_on_batch: bool = False) -> None:
+    def __init__(self, plan: SplitPlan, *, image_size: int, batch_size: int, train: bool, aug: AugConfig, mode: str,
+                 writer: Optional[SlabWriter], seed: int, rank: int, world_size: int, reals_only: bool = False,
+                 blend_on_batch: bool = False) -> None:
         super().__init__()
         self.reals_only, self.blend_on_batch = reals_only, blend_on_batch
-        self.shardset, self.shards, self.sizes, self.source = shardset, list(shardset.shards), sizes, source
+        self.plan, self.hint = plan, plan.hint()
         self.image_size, self.batch_size, self.train = image_size, batch_size, train
         self.aug, self.mode, self.writer = aug, mode, writer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -120,20 +123,9 @@ class _ShardStream(IterableDataset):
         """The epoch this process is reading (fixed when its pass begins), else the one set last."""
         return int(self.epoch_box[0]) if self._epoch is None else self._epoch
 
-    def pieces(self, worker: int, num_workers: int) -> List[Piece]:
-        order = list(range(len(self.shards)))
-        if self.train:  # same on every rank, so the ranks' ranges partition one sequence
-            random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(order)
-        n = sum(self.sizes)
-        lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
-        wlo, whi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
-        return plan_pieces(self.shards, self.sizes, order, wlo, whi, self.shardset.shard_bytes,
-                           self.shardset.shard_sha256)
-
-    def read_pieces(self, pieces: Iterator[dict]) -> Iterator[dict]:
-        """Checked raw samples of each piece (`pipeline.data.sample_source`)."""
-        for item in pieces:
-            yield from self.source.samples(item["piece"])
+    def pieces(self, worker: int, num_workers: int) -> List[List[Piece]]:
+        """Per source, the pieces this worker reads this epoch (`pipeline.data.mixture.SplitPlan.pieces`)."""
+        return self.plan.pieces(self.epoch, self.rank, self.world_size, worker, num_workers)
 
     def decode(self, sample: dict) -> Tuple[np.ndarray, int, str]:
         key, url = sample["__key__"], sample.get("__url__", "?")
@@ -142,10 +134,10 @@ class _ShardStream(IterableDataset):
             image = uint8_ops.decode(sample[ext]) if sample[ext] else None
         except cv2.error as exn:
             raise DataError(f"shard {url}: cannot decode {key}.{ext} (OpenCV: {str(exn).strip()}); "
-                            + self.source.hint) from None
+                            + self.hint) from None
         if image is None:
             raise DataError(f"shard {url}: cannot decode {key}.{ext} ({len(sample[ext])} bytes: not a readable "
-                            "JPEG/PNG/WebP); " + self.source.hint)
+                            "JPEG/PNG/WebP); " + self.hint)
         return image, label, key
 
     def blend(self, image: np.ndarray, label: int, key: str, sample: dict) -> Tuple[np.ndarray, int, str]:
@@ -207,9 +199,10 @@ class _ShardStream(IterableDataset):
             self.writer.free_stale(worker)
         # read once: the main process may set the next epoch while this one's last batches are made
         self._epoch = epoch = int(self.epoch_box[0])
-        pieces = self.pieces(worker, num_workers)
-        items = [{"piece": p} for p in pieces]
-        stages = [lambda: iter(items), self.read_pieces]  # a bare list would be taken as a list of stages
+        per_source = self.pieces(worker, num_workers)
+        pieces = [p for ps in per_source for p in ps]
+        mix = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, worker, "mix"))
+        stages = [lambda: self.plan.read(per_source, mix)]
         if self.train and self.reals_only:
             stages.append(wds.select(lambda sample: sample.get("cls", b"").strip() == b"0"))
         if self.train:
@@ -243,13 +236,12 @@ class TorchLoader:
     the workers); ``"cpu"`` runs the GPU-decode path with torchvision's CPU decoder (tests).
     """
 
-    def __init__(self, spec: LoaderSpec, shardset: ShardSet, *,
+    def __init__(self, spec: LoaderSpec, shardset: Union[ShardSet, Sequence[ShardSet]], *,
                  decode_device: Optional[Union[str, torch.device]] = None) -> None:
-        self.spec, self.shardset = spec, shardset
-        self.shards = list(shardset.shards)
-        self.sizes = sample_counts(shardset, spec.data)
-        self.source = SampleSource(hint=shardset.hint(), storage_options=shardset.storage_options,
-                                   cache_dir=spec.cache_dir)
+        self.shardsets = [shardset] if isinstance(shardset, ShardSet) else list(shardset)
+        self.spec, self.shardset = spec, self.shardsets[0]
+        self.plan = SplitPlan.build(spec, self.shardsets)
+        self.shards = list(self.shardset.shards)
         self.device = spec.device
         if decode_device is None and spec.decode == "gpu":
             decode_device = spec.device
@@ -269,19 +261,22 @@ class TorchLoader:
         self.epoch = 0
         self._own: Optional[tuple] = None  # (stream, slabs, persistent DataLoader): see _open
         self._active = 0  # iterations open now
-        self.split_samples = sum(self.sizes)
-        self.own = rank_share(self.split_samples, self.rank, self.world_size)
-        self.steps = check_split_size(spec, self._train_samples(spec, shardset))
+        self.split_samples = self.plan.split_samples
+        self.own = self.plan.rank_samples(self.rank, self.world_size)
+        self.steps = check_split_size(spec, self._train_samples(spec, self.shardset))
         self.padded = math.ceil(self.split_samples / self.world_size)
         # Every worker gets a contiguous range of at least one sample; more workers than that only idle.
         self.num_workers = min(spec.num_workers, self.own)
 
     def _train_samples(self, spec: LoaderSpec, shardset: ShardSet) -> int:
-        """Samples the steps are counted from: the split, or with ``fakes='sbi-only'`` its reals
-        less a 3% margin (the packer interleaves the classes, so every rank's part holds about its
-        share of them; the margin keeps a rank from running out, which would stall the others)."""
-        if not (spec.train and spec.fakes == "sbi-only"):
+        """Samples the steps are counted from: the split (training: the smallest rank's part times the
+        ranks), or with ``fakes='sbi-only'`` its reals less a 3% margin (the packer interleaves the
+        classes, so every rank's part holds about its share of them; the margin keeps a rank from
+        running out, which would stall the others)."""
+        if not spec.train:
             return self.split_samples
+        if spec.fakes != "sbi-only":
+            return self.plan.min_rank_samples(self.world_size) * self.world_size
         if "real" not in shardset.class_counts:
             raise DataError(f"{spec.data}: --fakes sbi-only needs the per-class counts of a pack output's manifest")
         return int(shardset.class_counts["real"] * 0.97)
@@ -299,9 +294,9 @@ class TorchLoader:
 
     def _make(self, persistent: bool) -> tuple:
         """``(stream, slab pool or None, DataLoader or None)`` for this loader's settings."""
-        pool = SlabPool(self.num_workers, (self.batch_size, self.image_size, self.image_size, 3)) \
-            if self.mode == "finish" else None
-        stream = _ShardStream(self.shardset, self.sizes, source=self.source, image_size=self.image_size,
+        pool = SlabPool(self.num_workers, (self.batch_size, self.image_size, self.image_size, 3),
+                        norm=self.spec.norm) if self.mode == "finish" else None
+        stream = _ShardStream(self.plan, image_size=self.image_size,
                               batch_size=self.batch_size, train=self.train, aug=self.aug, mode=self.mode,
                               writer=pool.writer if pool else None, seed=self.seed, rank=self.rank,
                               world_size=self.world_size, reals_only=self.spec.fakes == "sbi-only",
@@ -372,7 +367,7 @@ class TorchLoader:
                     return
         if seen != self.own:
             raise DataError(f"rank {self.rank} read {seen} samples of {self.shards[0]}...; the shards should "
-                            f"give it {self.own}; " + self.source.hint)
+                            f"give it {self.own}; " + self.plan.hint())
         if self.train:  # cannot happen when the counts are right: own // batch_size >= steps
             raise DataError(f"rank {self.rank} ran out of samples after {emitted} of {self.steps} batches")
         pad = self.padded - seen
@@ -388,7 +383,7 @@ class TorchLoader:
                 yield Batch(images.permute(0, 3, 1, 2), labels.float(), ids)
                 continue
             if self.mode == "encoded":
-                x = decode_batch(images, ids, self.image_size, self.decode_device, self.source.hint)
+                x = decode_batch(images, ids, self.image_size, self.decode_device, self.plan.hint())
             else:
                 if not images.is_pinned():
                     images = images.pin_memory()
@@ -397,4 +392,4 @@ class TorchLoader:
                 x = blend_batch(x, table)
             x = apply_params(x, params_from_tensor(params), self.image_size) if params.shape[1] else x.float()
             labels = labels.to(self.device, non_blocking=True).float()
-            yield Batch(normalize_(x).to(self.device, non_blocking=True), labels, ids)
+            yield Batch(normalize_(x, self.spec.norm).to(self.device, non_blocking=True), labels, ids)

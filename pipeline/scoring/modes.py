@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.augment.batch_ops import normalize, resize_uint8
+from pipeline.augment.config import DEFAULT_NORM, Norm
 from pipeline.augment.crop import crop
 from pipeline.data.folders import Item, bad_image_reason, read_item
 from shard_tools.imageio import BadImage, load_rgb
@@ -91,7 +92,7 @@ def _collate(samples):
     return samples
 
 
-def _logits(model: torch.nn.Module, views_: List[torch.Tensor], device: torch.device) -> List[float]:
+def _logits(model: torch.nn.Module, views_: List[torch.Tensor], device: torch.device, norm: Norm) -> List[float]:
     """One logit per image of ``views_`` (a list of per-image view lists): same-shape views batched."""
     flat = [(j, v) for j, vs in enumerate(views_) for v in vs]
     groups: Dict[Tuple[int, ...], List[int]] = {}
@@ -99,7 +100,7 @@ def _logits(model: torch.nn.Module, views_: List[torch.Tensor], device: torch.de
         groups.setdefault(tuple(v.shape), []).append(k)
     out = torch.zeros(len(flat), dtype=torch.float64)
     for idx in groups.values():
-        x = normalize(torch.stack([flat[k][1] for k in idx]).to(device, non_blocking=True))
+        x = normalize(torch.stack([flat[k][1] for k in idx]).to(device, non_blocking=True), norm)
         out[idx] = model(x).reshape(len(idx), -1)[:, 0].double().cpu()
     sums = torch.zeros(len(views_), dtype=torch.float64).index_add_(0, torch.tensor([j for j, _ in flat]), out)
     return (sums / torch.tensor([len(vs) for vs in views_], dtype=torch.float64)).tolist()
@@ -108,9 +109,10 @@ def _logits(model: torch.nn.Module, views_: List[torch.Tensor], device: torch.de
 @torch.inference_mode()
 def score_items(model: torch.nn.Module, items: Sequence[Item], *, image_size: int, mode: str = "resize",
                 device: torch.device | str = "cpu", batch_size: int = 64, num_workers: int = 0,
-                degrade: Optional[Degrade] = None, progress: bool = True,
-                desc: str = "score") -> Tuple[np.ndarray, Dict[int, str]]:
-    """P(fake) of each item under scoring ``mode`` (NaN where it failed) and ``{index: "reason: detail"}``."""
+                degrade: Optional[Degrade] = None, progress: bool = True, desc: str = "score",
+                norm: Norm = DEFAULT_NORM) -> Tuple[np.ndarray, Dict[int, str]]:
+    """P(fake) of each item under scoring ``mode`` (NaN where it failed) and ``{index: "reason: detail"}``;
+    inputs normalised with ``norm`` (the checkpoint's: `pipeline.checkpoint.norm_of`)."""
     device = torch.device(device)
     model.eval()
     scores = np.full(len(items), np.nan, dtype=np.float64)
@@ -124,6 +126,6 @@ def score_items(model: torch.nn.Module, items: Sequence[Item], *, image_size: in
         ok = [(i, v) for i, v, _ in batch if v is not None]
         errors.update({i: err for i, v, err in batch if v is None})
         if ok:
-            logits = _logits(model, [v for _, v in ok], device)
+            logits = _logits(model, [v for _, v in ok], device, norm)
             scores[[i for i, _ in ok]] = 1.0 / (1.0 + np.exp(-np.asarray(logits)))
     return scores, errors

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.augment.config import DEFAULT_NORM, Norm
 from pipeline.augment.degrade import APPLIED, SWEEP, Degradation, default_sweep
 from pipeline.scoring.metrics import quiet_metrics
 
@@ -34,6 +35,7 @@ def run_sweep(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    norm: Norm = DEFAULT_NORM,
 ) -> dict:
     """Score ``items`` (`pipeline.data.folders.Item`) under each degradation; returns the robustness report.
 
@@ -46,7 +48,7 @@ def run_sweep(
     degradations = list(degradations) if degradations is not None else default_sweep()
     labels = np.asarray([it.label for it in items], dtype=np.int64)
     common = dict(image_size=image_size, mode=mode, device=device, batch_size=batch_size, num_workers=num_workers,
-                  progress=progress)
+                  progress=progress, norm=norm)
 
     def level(scores: np.ndarray, errors: Dict[int, str]) -> dict:
         ok = np.isfinite(scores)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.augment.config import AugConfig
+from pipeline.augment.config import DEFAULT_NORM, AugConfig, Norm
 from pipeline.checkpoint import CheckpointError
 from pipeline.data.contract import LoaderSpec, drop_repeats
 from pipeline.data.folders import Item, collect, shard_items
@@ -130,7 +130,7 @@ def score_split(model: torch.nn.Module, spec: LoaderSpec, mode: str, *, need_ite
     items = shard_items(shardset.shards)
     values, errors = score_items(model, items, image_size=spec.image_size, mode=mode, device=spec.device,
                                  batch_size=spec.batch_size, num_workers=spec.num_workers, progress=progress,
-                                 desc=f"evaluate {spec.split} ({mode})")
+                                 desc=f"evaluate {spec.split} ({mode})", norm=spec.norm)
     if errors:
         i, err = sorted(errors.items())[0]
         raise DataError(f"{items[i].tar[0]}: sample {items[i].path}: {err}; run `deepfake-inspect {spec.data} --verify`")
@@ -141,7 +141,7 @@ def score_split(model: torch.nn.Module, spec: LoaderSpec, mode: str, *, need_ite
 def score_folders(
     model: torch.nn.Module, real: Sequence[str], fake: Sequence[str], *, image_size: int, mode: str = "resize",
     device: str | torch.device = "cpu", batch_size: int = 128, num_workers: int = 2, progress: bool = True,
-    faces: Optional[FaceSettings] = None,
+    faces: Optional[FaceSettings] = None, norm: Norm = DEFAULT_NORM,
 ) -> tuple[Scores, List[Item], List[dict]]:
     """Score files under ``real`` and ``fake`` (photos and videos through the face stage ``faces``: one row per
     crop); returns (scores, the items that scored, skip records: files without a crop, unreadable files)."""
@@ -154,7 +154,7 @@ def score_folders(
         skipped.append({"path": files[i].path, "label": ("real", "fake")[files[i].label], "reason": reason,
                         "detail": detail})
     values, errors = score_items(model, items, image_size=image_size, mode=mode, device=device, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress, desc="evaluate")
+                                 num_workers=num_workers, progress=progress, desc="evaluate", norm=norm)
     for i, err in sorted(errors.items()):
         reason, _, detail = err.partition(": ")
         skipped.append({"path": items[i].path, "label": ("real", "fake")[items[i].label], "reason": reason,

@@ -5,12 +5,13 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
-from model import INPUT_FILTERS, list_models, validate_kwargs
-from pipeline.augment.config import PREPROCESS, PRESETS, AugConfig
+from model import INPUT_FILTERS, is_timm, list_models, validate_kwargs
+from pipeline.augment.config import DEFAULT_NORM, PREPROCESS, PRESETS, AugConfig, Norm, check_norm
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
+from pipeline.training.sources import check_sources, parse_data
 from shard_tools.storage import parse_storage_options
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -34,14 +35,18 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 class TrainConfig:
     """Every training setting; validated on construction (errors name the flag). Saved as config.json."""
 
-    data: str
+    data: Union[str, Tuple[str, ...]]
     out: str
+    data_weights: Optional[Tuple[float, ...]] = None
     val_data: Optional[str] = None
     storage_options: Optional[str] = None
     cache_dir: Optional[str] = None
     verify_data: bool = False
     model: str = "deepfakenet_base"
     input_filter: Optional[str] = None
+    pretrained: Optional[str] = None
+    backbone_lr_scale: float = 0.1
+    freeze_bn: bool = False
     image_size: int = 224
     epochs: int = 10
     batch_size: int = 64
@@ -78,14 +83,17 @@ class TrainConfig:
             if not (value >= low):  # also rejects NaN
                 raise ValueError(f"--{flag} {value}: must be >= {low}")
 
-        choice("model", self.model, list_models())
-        if self.input_filter is not None:
-            choice("input-filter", self.input_filter, INPUT_FILTERS)
-            validate_kwargs(self.model, self.model_kwargs())
+        self._check_model()
         check_image_size(self.image_size)
         if self.storage_options is not None:
             parse_storage_options(self.storage_options)
-        if is_pattern(self.data) and self.val_data is None:
+        if isinstance(self.data, (list, tuple)):
+            object.__setattr__(self, "data", tuple(self.data))
+            object.__setattr__(self, "data_weights", check_sources(self.data, self.data_weights, self.val_data,
+                                                                   self.backend, self.fakes))
+        elif self.data_weights is not None:
+            raise ValueError(f"--data {self.data}: a weight needs several sources (--data A:0.7,B:0.3)")
+        elif is_pattern(self.data) and self.val_data is None:
             raise ValueError(f"--data {self.data}: a shard pattern is one split; give the validation shards with "
                              "--val-data (a pack output folder gives both)")
         choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -121,6 +129,39 @@ class TrainConfig:
         if 0 < self.max_steps < self.grad_accum:
             raise ValueError(f"--max-steps {self.max_steps}: must be >= --grad-accum {self.grad_accum}")
 
+    def _check_model(self) -> None:
+        if not is_timm(self.model) and self.model not in list_models():
+            raise ValueError(f"--model {self.model!r}: choose one of {', '.join(list_models())}, or timm/NAME "
+                             "for any timm architecture")
+        if self.input_filter is not None:
+            if self.input_filter not in INPUT_FILTERS:
+                raise ValueError(f"--input-filter {self.input_filter!r}: choose one of {', '.join(INPUT_FILTERS)}")
+        try:
+            validate_kwargs(self.model, self.model_kwargs())
+        except ValueError as e:
+            raise ValueError(f"--model {self.model}: {e}") from None
+        if is_timm(self.model):
+            from model.timm_backbone import pretrained_cfg
+
+            cfg = pretrained_cfg(self.model)
+            side = (cfg.get("input_size") or (3, 224, 224))[-1]
+            if cfg.get("fixed_input_size") and self.image_size != side:
+                raise ValueError(f"--image-size {self.image_size}: {self.model} takes only {side} px inputs")
+        if self.pretrained is not None:
+            from model.pretrained import check_source
+
+            check_source(self.model, self.pretrained)
+        if not 0.0 < self.backbone_lr_scale <= 1.0 or not math.isfinite(self.backbone_lr_scale):
+            raise ValueError(f"--backbone-lr-scale {self.backbone_lr_scale}: must be in (0, 1]")
+
+    def norm(self) -> Norm:
+        """The input normalisation ``(mean, std)``: the pretrained weights' (timm's config of the architecture,
+        0.5/0.5 for efficientnet-lite), else the pipeline's default (DeepfakeNet)."""
+        from model.pretrained import norm_for
+
+        norm = norm_for(self.model, self.pretrained)
+        return DEFAULT_NORM if norm is None else check_norm(norm, f"--model {self.model}: its mean/std")
+
     def model_kwargs(self) -> Dict[str, Any]:
         """Overrides of the model variant's defaults (saved in the checkpoint, so it loads back the same)."""
         return {"input_filter": self.input_filter} if self.input_filter else {}
@@ -130,10 +171,18 @@ class TrainConfig:
         extra = {"preprocess": self.preprocess} if self.preprocess else {}
         return AugConfig.preset(self.aug, self_blend=self.self_blend, sbi_mask=self.sbi_mask, **extra)
 
+    @property
+    def sources(self) -> Tuple[str, ...]:
+        """The pack outputs trained on: ``(data,)``, or the several."""
+        return self.data if isinstance(self.data, tuple) else (self.data,)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
+        values = {k: v for k, v in vars(args).items() if k in names}
+        if isinstance(values.get("data"), list):  # --data, repeatable, each maybe A:0.7,B:0.3
+            values["data"], values["data_weights"] = parse_data(values["data"])
+        return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.contract import drop_repeats
 from pipeline.scoring.metrics import binary_metrics
+from pipeline.training.optim import bn_eval
 from pipeline.training.rundir import RunError
 
 
@@ -65,17 +66,20 @@ def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> Non
 
 
 def train_epoch(accelerator, model: nn.Module, loader, optimizer, scheduler, *, epoch: int, steps: int,
-                loss_kind: str, clip_grad: float, desc: str = "train",
+                loss_kind: str, clip_grad: float, desc: str = "train", freeze_bn: bool = False,
                 on_step: Optional[Callable[[int, int], None]] = None) -> EpochStats:
     """One pass of ``steps`` batches; times the wait for each batch apart from the step itself.
 
     ``on_step(epoch, step)`` runs after each step (tests use it to kill a run mid-epoch). A
     non-finite loss on any rank stops every rank with `Diverged` (all ranks agree, none hangs).
+    ``freeze_bn``: BatchNorm layers stay in eval mode (`pipeline.training.optim.bn_eval`).
     """
     import zlib
 
     device = accelerator.device
     model.train()
+    if freeze_bn:
+        bn_eval(model)
     loader.set_epoch(epoch)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
@@ -127,6 +131,37 @@ def evaluate(accelerator, model: nn.Module, loader, *, loss_kind: str, epoch: in
 
     Every rank returns the same dict: `pipeline.scoring.metrics.binary_metrics` plus ``loss``.
     """
+    return _metrics(_gathered(accelerator, model, loader, loss_kind=loss_kind, epoch=epoch, desc=desc))
+
+
+def validate(accelerator, model: nn.Module, loaders: Dict[str, Any], *, loss_kind: str, epoch: int) -> Dict[str, Any]:
+    """`evaluate` over the val loader of every source: one source -> its metrics; several -> the metrics of
+    all their samples together, plus ``sources``: ``{name: metrics}`` of each on its own."""
+    if len(loaders) == 1:
+        return evaluate(accelerator, model, next(iter(loaders.values())), loss_kind=loss_kind, epoch=epoch)
+    per, together = {}, [[], [], [], []]
+    for name, loader in loaders.items():
+        cols = _gathered(accelerator, model, loader, loss_kind=loss_kind, epoch=epoch, desc=f"val {name}")
+        per[name] = _metrics(cols)
+        together[0] += [f"{name}/{i}" for i in cols[0]]  # the same image in two sources counts in each
+        for dst, src in zip(together[1:], cols[1:]):
+            dst += src
+    metrics = _metrics(tuple(together))
+    metrics["sources"] = per
+    return metrics
+
+
+def _metrics(cols) -> Dict[str, Any]:
+    all_ids, all_scores, all_labels, all_losses = cols
+    metrics = binary_metrics(all_labels, all_scores)
+    metrics["loss"] = float(sum(all_losses) / len(all_losses))
+    metrics["ids"] = len(all_ids)
+    return metrics
+
+
+@torch.no_grad()
+def _gathered(accelerator, model: nn.Module, loader, *, loss_kind: str, epoch: int, desc: str):
+    """(ids, scores, labels, losses) of every sample of ``loader``'s split, gathered from all ranks, each once."""
     model.eval()
     loader.set_epoch(epoch)
     ids: List[str] = []
@@ -144,8 +179,4 @@ def evaluate(accelerator, model: nn.Module, loader, *, loss_kind: str, epoch: in
     rows = gather_object(list(zip(ids, scores, labels, losses)))
     if not rows:
         raise RunError("validation produced no samples: the val loader yielded nothing")
-    all_ids, all_scores, all_labels, all_losses = drop_repeats(*(list(c) for c in zip(*rows)))
-    metrics = binary_metrics(all_labels, all_scores)
-    metrics["loss"] = float(sum(all_losses) / len(all_losses))
-    metrics["ids"] = len(all_ids)
-    return metrics
+    return drop_repeats(*(list(c) for c in zip(*rows)))

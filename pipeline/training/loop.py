@@ -10,69 +10,28 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from model import count_params, create_model
+from model import count_params
 from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
-from pipeline.data.contract import LoaderSpec
-from pipeline.data.loader import build_loader
-from pipeline.data.shards import DataError, verify_shards
+from pipeline.data.shards import DataError
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
 from pipeline.scoring.outputs import OutputError, shown, writing
-from pipeline.training.epoch import evaluate, train_epoch
+from pipeline.training.epoch import train_epoch, validate
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.rundir import (
     METRIC_COLUMNS,
     Progress,
     RunError,
-    check_run_dir,
     latest_state,
     load_training_state,
     save_training_state,
     selection_score,
+    source_columns,
     write_metrics_csv,
 )
+from pipeline.training.setup import Setup
 from shard_tools.fsutil import atomic_write_json
-from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.train")
-
-
-class _Setup:
-    """Everything built before the first epoch (per process)."""
-
-    def __init__(self, cfg, accelerator) -> None:
-        out = Path(cfg.out)
-        world = accelerator.num_processes
-        # Every rank checks before the main process writes anything, so all agree on the outcome.
-        check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
-        spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
-                          batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
-                          rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
-                          storage_options=parse_storage_options(cfg.storage_options), cache_dir=cfg.cache_dir,
-                          fakes=cfg.fakes, decode=cfg.decode)
-        self.train_loader = build_loader(spec)
-        self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
-                                                     fakes="all"))
-        if cfg.verify_data:
-            for loader in (self.train_loader, self.val_loader):
-                verify_shards(loader.shardset, progress=accelerator.is_main_process)
-        self.backend = spec.backend
-        steps = len(self.train_loader)
-        if cfg.max_steps:
-            steps = min(steps, cfg.max_steps)
-        steps -= steps % cfg.grad_accum  # accumulation never spans two epochs
-        if steps < 1:
-            raise RunError(f"--grad-accum {cfg.grad_accum}: more than the {len(self.train_loader)} batches per epoch "
-                           f"of each process; lower it or --batch-size")
-        self.steps = steps
-        self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
-        self.faces = getattr(self.train_loader.shardset, "faces", None)  # the framing travels with the model
-
-    def close(self) -> None:
-        """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
-        for loader in (self.train_loader, self.val_loader):
-            close = getattr(loader, "close", None)
-            if close is not None:
-                close()
 
 
 def run(cfg, *, on_step=None) -> int:
@@ -91,7 +50,7 @@ def run(cfg, *, on_step=None) -> int:
     setup = None
     try:
         try:
-            setup = _Setup(cfg, accelerator)
+            setup = Setup(cfg, accelerator)
         except (ValueError, DataError, CheckpointError, OutputError) as e:
             if main_proc:
                 logger.error("error: %s", shown(e))
@@ -112,15 +71,14 @@ def run(cfg, *, on_step=None) -> int:
         accelerator.end_training()
 
 
-def _prepare(cfg, accelerator, setup: _Setup):
-    """Model, optimizer and schedule, prepared by accelerate; the progress of a resumed run."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.seed)
-    model = create_model(cfg.model, **cfg.model_kwargs())
+def _prepare(cfg, accelerator, setup: Setup):
+    """Model (built and seeded by `Setup`), optimizer and schedule, prepared by accelerate; the progress of
+    a resumed run."""
+    model = setup.model
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, head=setup.head,
+                                backbone_lr_scale=cfg.backbone_lr_scale)
     opt_steps = setup.steps // cfg.grad_accum
     scheduler = build_scheduler(optimizer, schedule=cfg.schedule, total_steps=cfg.epochs * opt_steps,
                                 warmup_steps=round(cfg.warmup_epochs * opt_steps), min_lr_ratio=cfg.min_lr_ratio)
@@ -136,7 +94,7 @@ def _prepare(cfg, accelerator, setup: _Setup):
     return model, optimizer, scheduler, progress
 
 
-def _train(cfg, accelerator, setup: _Setup, on_step=None) -> int:
+def _train(cfg, accelerator, setup: Setup, on_step=None) -> int:
     out = Path(cfg.out)
     main_proc = accelerator.is_main_process
     model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
@@ -166,18 +124,21 @@ def _train(cfg, accelerator, setup: _Setup, on_step=None) -> int:
     return 0
 
 
-def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch: int, tb, on_step=None) -> int:
+def _epoch(cfg, accelerator, setup: Setup, prepared, progress: Progress, epoch: int, tb, on_step=None) -> int:
     """Train and validate one epoch, record it, write the epoch's outputs; returns the ids checksum."""
     model, optimizer, scheduler = prepared
     t_epoch = time.perf_counter()
     tr = train_epoch(accelerator, model, setup.train_loader, optimizer, scheduler, epoch=epoch,
-                     steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad, on_step=on_step)
+                     steps=setup.steps, loss_kind=cfg.loss, clip_grad=cfg.clip_grad, freeze_bn=cfg.freeze_bn,
+                     on_step=on_step)
     t_val = time.perf_counter()
-    val = evaluate(accelerator, model, setup.val_loader, loss_kind=cfg.loss, epoch=epoch)
+    val = validate(accelerator, model, setup.val_loaders, loss_kind=cfg.loss, epoch=epoch)
     val_s = time.perf_counter() - t_val
     row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": val["loss"], **{f"val_{k}": val[k] for k in HEADLINE},
            "img_s": tr.img_s, "data_wait_s": tr.data_wait_s, "compute_s": tr.compute_s,
            "lr": scheduler.get_last_lr()[0], "val_s": val_s, "train_samples": tr.samples}
+    for name, m in val.get("sources", {}).items():
+        row.update({f"val_{k}/{name}": m[k] for k in ("loss", *HEADLINE)})
     progress.history.append(to_jsonable(row))
     progress.epoch = epoch
     progress.train_time_s += time.perf_counter() - t_epoch
@@ -186,32 +147,37 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
     if improved:
         progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
     if accelerator.is_main_process:
-        _write_epoch_outputs(cfg, Path(cfg.out), accelerator.unwrap_model(model), val, progress, improved, tb,
-                             setup.faces)
+        _write_epoch_outputs(cfg, setup, accelerator.unwrap_model(model), val, progress, improved, tb)
     logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
                 "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
                 tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
+    for name, m in val.get("sources", {}).items():
+        logger.info("  val %s (%d images): loss %.4f  %s", name, m["n"], m["loss"], format_metrics(m))
     save_training_state(accelerator, Path(cfg.out), epoch, progress.as_dict())
     return tr.ids_checksum
 
 
-def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: Progress, improved: bool, tb,
-                         faces: Optional[dict] = None) -> None:
+def _write_epoch_outputs(cfg, setup: Setup, model, val: Dict[str, Any], progress: Progress, improved: bool, tb) -> None:
     """last/best checkpoints, metrics.csv, curves.png, TensorBoard scalars; OutputError naming a file that
     cannot be written (each file is atomic: a failed write leaves the previous epoch's version)."""
+    out = Path(cfg.out)
     meta = {"epoch": progress.epoch, "metrics": {k: v for k, v in val.items() if k != "ids"},
             "model_kwargs": cfg.model_kwargs(), "train_config": cfg.to_dict(), "preprocess": cfg.aug_config().preprocess}
-    if faces is not None:
-        meta["faces"] = faces
+    if len(setup.sources) > 1:
+        meta["sources"] = setup.sources
+    if setup.faces is not None:
+        meta["faces"] = setup.faces
     for name in (LAST, BEST) if improved else (LAST,):
         with writing(out / name, "checkpoint"):
-            save_checkpoint(out / name, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta)
+            save_checkpoint(out / name, model, model_name=cfg.model, image_size=cfg.image_size, extra=meta,
+                            norm=setup.norm)
+    extra = source_columns(setup.names) if len(setup.sources) > 1 else []
     with writing(out / "metrics.csv"):
-        write_metrics_csv(out / "metrics.csv", progress.history)
+        write_metrics_csv(out / "metrics.csv", progress.history, extra)
     with writing(out / "curves.png"):
-        plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {shown(Path(cfg.data).name)}")
+        plot_history(progress.history, out / "curves.png", title=f"{cfg.model} on {shown('+'.join(setup.names))}")
     row = progress.history[-1]
-    for key in METRIC_COLUMNS[1:]:
+    for key in (*METRIC_COLUMNS[1:], *extra):
         if row.get(key) is not None:
             tb.add_scalar(tb_tag(key), row[key], progress.epoch)
     tb.flush()
@@ -222,7 +188,7 @@ def _param_checksum(model) -> float:
         return float(sum(p.detach().double().sum().item() for p in model.parameters()))
 
 
-def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Progress, ids_checksum: int) -> None:
+def _write_final(cfg, out: Path, accelerator, model, setup: Setup, progress: Progress, ids_checksum: int) -> None:
     last = progress.history[-1] if progress.history else {}
     rank_info = {
         "process_index": accelerator.process_index, "num_processes": accelerator.num_processes,
@@ -247,7 +213,8 @@ def _write_final(cfg, out: Path, accelerator, model, setup: _Setup, progress: Pr
         "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor() or "cpu",
         "backend": setup.backend, "epochs": progress.epoch, "steps_per_epoch": setup.steps,
         "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
-        "train_samples": setup.n_train, "val_samples": setup.n_val,
+        "train_samples": setup.n_train, "val_samples": setup.n_val, "sources": setup.sources,
+        "pretrained": cfg.pretrained, "norm": {"mean": list(setup.norm[0]), "std": list(setup.norm[1])},
         "best_epoch": progress.best_epoch, "best": progress.best_metrics, "final": last,
         "train_time_s": progress.train_time_s,
         "mean_img_s": _mean([r.get("img_s") for r in progress.history]),

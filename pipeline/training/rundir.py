@@ -35,16 +35,31 @@ class RunError(ValueError):
 
 def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The settings a resumed run must share with the saved one: all but ``resume`` and ``out``
-    (the same folder by definition), with a local ``data`` path compared by its resolved path."""
+    (the same folder by definition), with local ``data`` paths compared by their resolved paths."""
     out = {k: v for k, v in config.items() if k not in ("resume", "out")}
+    resolve = lambda d: str(Path(d).resolve()) if isinstance(d, str) and Path(d).exists() else d  # noqa: E731
     data = out.get("data")
-    if isinstance(data, str) and Path(data).exists():
-        out["data"] = str(Path(data).resolve())
+    out["data"] = [resolve(d) for d in data] if isinstance(data, (list, tuple)) else resolve(data)
     return out
 
 
-def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None:
-    """Refuse to overwrite a run without ``--resume``, or to resume one made with other settings."""
+def _inputs(config: Mapping[str, Any]) -> List[tuple]:
+    """(flag, local folder) of every data input of a run's settings, for `check_apart`."""
+    pairs = []
+    for key in ("data", "val_data"):
+        values = config.get(key)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, str) and os.path.isdir(value):
+                pairs.append((f"--{key.replace('_', '-')}", value))
+    return pairs
+
+
+def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool,
+                  defaults: Optional[Mapping[str, Any]] = None) -> None:
+    """Refuse to overwrite a run without ``--resume``, or to resume one made with other settings.
+
+    ``defaults``: each setting's default; a setting that a saved config.json lacks (added since the run
+    began) matches when it has its default now."""
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, expected a run directory")
@@ -53,8 +68,7 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None
         os.path.abspath(out).encode("utf-8")
     except UnicodeEncodeError:  # tensorboard encodes its file names as UTF-8, strictly
         raise RunError(f"--out {shown(out)}: not valid UTF-8 (TensorBoard cannot write there); choose another --out") from None
-    check_apart("--out", out, [(f"--{k.replace('_', '-')}", config[k]) for k in ("data", "val_data")
-                               if isinstance(config.get(k), str) and os.path.isdir(config[k])])
+    check_apart("--out", out, _inputs(config))
     if not cfg_path.exists():
         if out.exists() and any(out.iterdir()) and not resume:
             raise RunError(f"--out {out}: folder exists and is not empty (no config.json); choose another --out")
@@ -68,8 +82,10 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool) -> None
     except (OSError, ValueError) as e:
         raise RunError(f"{cfg_path}: cannot read it ({e}); cannot --resume this run") from None
     now, before = comparable(json.loads(json.dumps(config))), comparable(saved)
+    known = json.loads(json.dumps(dict(defaults or {})))
     diffs = [f"--{k.replace('_', '-')} {before.get(k)!r} (saved) vs {now.get(k)!r} (now)"
-             for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+             for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)
+             and not (k not in before and k in known and now.get(k) == known[k])]
     if diffs:
         raise RunError(f"--resume: {cfg_path} was written with other settings: {'; '.join(diffs)}")
 
@@ -139,12 +155,19 @@ def load_training_state(accelerator, state: Path) -> Dict[str, Any]:
     return progress
 
 
-def write_metrics_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def source_columns(names: Sequence[str]) -> List[str]:
+    """The per-source validation columns of a run on several sources: ``val_loss/NAME``, ``val_roc_auc/NAME``, ..."""
+    return [f"val_{k}/{name}" for name in names for k in ("loss", *HEADLINE)]
+
+
+def write_metrics_csv(path: Path, rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) -> None:
+    """One row per epoch: `METRIC_COLUMNS`, then ``extra`` (`source_columns`)."""
+    columns = (*METRIC_COLUMNS, *extra)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
