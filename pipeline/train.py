@@ -136,6 +136,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, default=d["max_steps"].default,
                    help="stop each epoch after this many batches per process (smoke runs; 0 = full epochs)")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is available (Accelerator(cpu=True))")
+    g.add_argument("--explain-val", type=int, default=d["explain_val"].default, metavar="K",
+                   help="after each epoch, put a grid of K fixed val images (the first by id, half of each class) with "
+                        "their Grad-CAM heat maps into TensorBoard (tag explain/val; main process; 0: off). Needs "
+                        "local val shards")
     g.add_argument("--mixed-precision", default=None, choices=PRECISIONS,
                    help="override accelerate's mixed precision (default: what `accelerate launch --mixed_precision` set, else no)")
     return p

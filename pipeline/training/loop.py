@@ -15,6 +15,8 @@ from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError, verify_shards
+from pipeline.scoring.errors import ValGrid
+from pipeline.scoring.explain import ExplainError
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
 from pipeline.scoring.outputs import OutputError, shown, writing
 from pipeline.training.epoch import evaluate, train_epoch
@@ -65,6 +67,10 @@ class _Setup:
                            f"of each process; lower it or --batch-size")
         self.steps = steps
         self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
+        self.val_grid = None  # the per-epoch heat maps of a few fixed val images (main process only)
+        if accelerator.is_main_process and cfg.explain_val:
+            self.val_grid = ValGrid.from_shards(self.val_loader.shardset.shards, cfg.explain_val,
+                                                image_size=cfg.image_size, preprocess=spec.aug.preprocess)
 
     def close(self) -> None:
         """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
@@ -186,6 +192,7 @@ def _epoch(cfg, accelerator, setup: _Setup, prepared, progress: Progress, epoch:
         progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
     if accelerator.is_main_process:
         _write_epoch_outputs(cfg, Path(cfg.out), accelerator.unwrap_model(model), val, progress, improved, tb)
+        _log_val_grid(setup, accelerator.unwrap_model(model), tb, epoch)
     logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
                 "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
                 tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
@@ -210,6 +217,18 @@ def _write_epoch_outputs(cfg, out: Path, model, val: Dict[str, Any], progress: P
         if row.get(key) is not None:
             tb.add_scalar(tb_tag(key), row[key], progress.epoch)
     tb.flush()
+
+
+def _log_val_grid(setup: _Setup, model, tb, epoch: int) -> None:
+    """The explained val grid of this epoch into TensorBoard; a grid that cannot be made is switched off."""
+    if setup.val_grid is None:
+        return
+    try:
+        tb.add_image("explain/val", setup.val_grid.image(model, title=f"epoch {epoch}"), epoch, dataformats="HWC")
+        tb.flush()
+    except ExplainError as e:
+        logger.warning("explanation grid switched off: %s", e)
+        setup.val_grid = None
 
 
 def _param_checksum(model) -> float:

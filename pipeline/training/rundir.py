@@ -34,9 +34,10 @@ class RunError(ValueError):
 
 
 def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The settings a resumed run must share with the saved one: all but ``resume`` and ``out``
-    (the same folder by definition), with a local ``data`` path compared by its resolved path."""
-    out = {k: v for k, v in config.items() if k not in ("resume", "out")}
+    """The settings a resumed run must share with the saved one: all but ``resume``, ``out`` (the same
+    folder by definition) and ``explain_val`` (what TensorBoard shows, not how the model trains), with a
+    local ``data`` path compared by its resolved path."""
+    out = {k: v for k, v in config.items() if k not in ("resume", "out", "explain_val")}
     data = out.get("data")
     if isinstance(data, str) and Path(data).exists():
         out["data"] = str(Path(data).resolve())
