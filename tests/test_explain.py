@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,10 @@ def test_bad_layer_no_gradient_and_onnx_are_one_line(tmp_path):
         assert "stages.0, stages.1, stages.2, stages.3" in str(e.value)
     with pytest.raises(ExplainError, match="--cam-method 'nope'"):
         Explainer.for_model(model, image_size=64, method="nope")
+    with pytest.MonkeyPatch.context() as mp:  # the package missing: one line saying how to install it
+        mp.setitem(sys.modules, "pytorch_grad_cam", None)
+        with pytest.raises(ExplainError, match=r"not installed: pip install grad-cam "):
+            Explainer.for_model(model, image_size=64)
 
     class Frozen(torch.nn.Module):  # a graph run without autograd, as a frozen/exported model is
         def __init__(self):
@@ -226,3 +231,20 @@ def test_predict_explain_errors_are_one_line(trained, image_dirs, tmp_path, capl
     caplog.clear()
     assert predict.main(["--checkpoint", str(trained), str(real), "--explain", str(a_file), "--device", "cpu"]) == 2
     assert f"--explain {a_file}: is a file, not a folder" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_heat_maps_match_cpu_and_survive_bf16(npr_quadrant_model, tmp_path):
+    rng = np.random.default_rng(9)
+    x = normalize(quadrant_images(rng, 8, "bottom-left", True))
+    cpu_scores, cpu_maps = explain_batch(npr_quadrant_model, x)
+    model = npr_quadrant_model.to("cuda")
+    try:
+        scores, maps = explain_batch(model, x.to("cuda"))
+        assert np.allclose(scores, cpu_scores, atol=1e-3) and np.abs(maps - cpu_maps).max() < 0.05
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as under `accelerate launch --mixed_precision bf16`
+            _, bf16_maps = explain_batch(model, x.to("cuda"))
+        assert np.isfinite(bf16_maps).all() and np.abs(bf16_maps - cpu_maps).mean() < 0.1
+    finally:
+        npr_quadrant_model.to("cpu")
