@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pipeline.augment.batch_ops import normalize
 from pipeline.checkpoint import save_checkpoint
 from pipeline.scoring.explain import Explainer, ExplainError, default_layer, explain_batch
 from pipeline.scoring.explain_files import INDEX, png_name, write_explanations
+from pipeline.scoring.outputs import shown
 
 QUADRANTS = {"top-left": (0, 0), "top-right": (0, 1), "bottom-left": (1, 0), "bottom-right": (1, 1)}
 SIZE = 64
@@ -164,6 +166,7 @@ def test_predict_explain_writes_a_png_per_image(npr_quadrant_model, tmp_path, ca
     files = [write_image(photos / f"img{i}.png", quadrant_images(rng, 1, "bottom-left", i % 2 == 1)[0]
                          .permute(1, 2, 0).numpy()) for i in range(4)]
     files.append(write_image(photos / "sub" / "big face.jpg", make_face(rng, 100)))  # resized to 64
+    odd = write_image(photos / os.fsdecode(b"caf\xe9\nname.png"), make_face(rng, 64))  # not UTF-8, a newline
     (photos / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "explained"
     with caplog.at_level(logging.INFO):
@@ -171,16 +174,19 @@ def test_predict_explain_writes_a_png_per_image(npr_quadrant_model, tmp_path, ca
                            str(tmp_path / "p.csv"), "--device", "cpu", "--workers", "0", "--batch-size", "2"])
     assert rc == 0
     index = _pngs(out)
+    odd_row = index.pop(shown(str(odd)))  # written escaped, with its exact bytes beside it
+    assert bytes.fromhex(odd_row["path_bytes_hex"]) == os.fsencode(str(odd))
+    assert odd_row["png"].endswith("_caf_name.png.png") and (out / odd_row["png"]).is_file()
     assert set(index) == {str(f) for f in files}  # the unreadable file has no PNG, and said so in the log
     assert "could not read" in caplog.text and "broken.jpg" in caplog.text
     with open(tmp_path / "p.csv", newline="") as f:
         preds = {r["path"]: r for r in csv.DictReader(f)}
-    for path, row in index.items():
+    for path, row in [*index.items(), (shown(str(odd)), odd_row)]:
         assert float(row["p_fake"]) == pytest.approx(float(preds[path]["p_fake"]), abs=1e-6)
         with Image.open(out / row["png"]) as im:
             assert im.format == "PNG" and im.width > 2 * 192 and im.height > 192
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(r["png"] for r in index.values())
-    assert "wrote 5 heat-map PNGs (layer stages.1" in caplog.text
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([odd_row["png"]] + [r["png"] for r in index.values()])
+    assert "wrote 6 heat-map PNGs (layer stages.1" in caplog.text
 
 
 def test_predict_explain_on_crops_of_a_crop_trained_model(npr_quadrant_model, tmp_path):
