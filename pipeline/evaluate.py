@@ -18,6 +18,10 @@ Photos and videos given as ``--real/--fake`` (or ``--set``) go through the face 
 with (`pipeline.scoring.media`), so a model is scored at its own framing; ``--faces off`` scores images whole.
 * with ``--robustness``: ``robustness.json`` and ``robustness.png`` (`pipeline.augment.degrade`).
 * with ``--set``: ``metrics.json`` and ``cross_source.png`` (the cross-source report) instead.
+* with ``--errors N``: per set, a grid of the N most confident false positives and false negatives with
+  their heat maps and names (``errors.png``, or ``errors-<set>.png`` per ``--set``), the same images in
+  a TensorBoard event file in ``--out``, and an ``errors`` key in ``metrics.json`` listing them
+  (`pipeline.scoring.errors`).
 
 The files appear together after all the work, ``metrics.json`` last, or not at all (`OutputSet`): a
 failed write (disk full, ...) leaves ``--out`` as it was, and an ``--out`` that cannot be a folder (or
@@ -54,6 +58,9 @@ from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, LoaderSpec
 from pipeline.data.shards import DataError
 from pipeline.scoring.cli import OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode
 from pipeline.scoring.media import add_media_args, face_settings
+from pipeline.scoring.errors import TB_EVENTS, ErrorSettings, error_outputs, png_for, stale_pngs
+from pipeline.scoring.explain import ExplainError
+from pipeline.scoring.explain_files import add_cam_args, check_gradients, explainer_from_args
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
 from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
                                       writing)
@@ -67,7 +74,8 @@ from shard_tools.storage import parse_storage_options
 
 logger = logging.getLogger("pipeline.evaluate")
 OUTPUTS = ("metrics.json", "scores.csv", "video_scores.csv", "roc.png", "scores.png", "robustness.json", "robustness.png",
-           "cross_source.png")
+           "cross_source.png",
+           png_for(None), TB_EVENTS)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -109,6 +117,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--robustness", action="store_true",
                    help="also re-score after JPEG re-compression (q 95-30), downscale+upscale (0.75-0.25) and "
                         "Gaussian blur (sigma 0.5-3), applied at the original resolution: robustness.json/.png")
+    g.add_argument("--errors", type=int, default=0, metavar="N",
+                   help="per set, draw the N most confident false positives and N most confident false negatives "
+                        "with class-activation heat maps: errors.png (errors-SET.png with --set), a TensorBoard event "
+                        "file in --out, and an 'errors' key in metrics.json (0: off)")
+    add_cam_args(g)
     return p
 
 
@@ -131,6 +144,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     except ValueError as e:
         p.error(str(e))
     check_inference_args(p, args)
+    if args.errors < 0:
+        p.error(f"--errors {args.errors}: must be >= 0 (0: off)")
     if args.set:
         if args.real or args.fake or args.robustness:
             p.error("--set makes the cross-source report: give sets (and optionally --data), not --real/--fake/--robustness")
@@ -203,20 +218,23 @@ def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
 
     size = int(meta["image_size"])
     sets = ([(f"{Path(str(args.data)).name}:{args.split}", None, None)] if args.data else []) + list(args.set)
-    rows = []
+    rows, mistakes = [], []
     for mode in [args.scoring] if args.scoring else list(SCORING):
         for name, real, fake in sets:
-            s, _, skipped, _ = _score(args, model, meta, mode, real, fake)
+            drawn = args.errors and mode == scoring_mode(args, meta)
+            s, items, skipped, _ = _score(args, model, meta, mode, real, fake, need_items=bool(drawn))
             check_finite(s.scores, s.ids, meta["path"])
             rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
             if s.has_faces:
                 v = video_level(s, args.pool)
                 rows.append(cross.row(f"{name} (video, {args.pool})", mode, v.labels, v.scores, args.threshold,
                                       len(skipped)))
+            mistakes += [(name, s, items)] if drawn else []
     cross.log_rows(rows)
     report = {"checkpoint": meta["path"], "model": meta["model"], "image_size": size,
               "preprocess": meta.get("preprocess"), "threshold": args.threshold, "sets": rows}
-    names = _write(args, [
+    files = _errors(args, model, meta, mistakes, report)
+    names = _write(args, files + [
         ("cross_source.png", lambda path: cross.plot(rows, path, title=f"{meta['model']}: ROC AUC per set")),
         ("metrics.json", lambda path: atomic_write_json(path, showable(to_jsonable(report)))),
     ])
@@ -244,9 +262,19 @@ def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source
     return report
 
 
+def _errors(args: argparse.Namespace, model, meta: dict, sets: list, report: dict) -> list:
+    """--errors: the grid files of ``sets`` (``(name, Scores, items)``); their entry goes into ``report``."""
+    if not args.errors:
+        return []
+    cfg = ErrorSettings(args.errors, args.threshold, int(meta["image_size"]), scoring_mode(args, meta), args.device,
+                        args.batch_size, args.workers)
+    files, report["errors"] = error_outputs(explainer_from_args(args, model, meta, args.threshold), sets, cfg)
+    return files
+
+
 def _write(args: argparse.Namespace, files) -> List[str]:
     """``(name, write(path))`` pairs into --out together (metrics.json last) or none of them (`OutputSet`)."""
-    with OutputSet(args.out, last="metrics.json", stale=OUTPUTS) as outputs:
+    with OutputSet(args.out, last="metrics.json", stale=OUTPUTS + stale_pngs(args.out)) as outputs:
         for name, write in files:
             with writing(outputs.final(name)):
                 write(outputs.path(name))
@@ -275,12 +303,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_output_dir("--out", args.out)
         check_apart("--out", args.out, _inputs(args))
+        if args.errors:
+            check_gradients(args.checkpoint)
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         args.face_settings = face_settings(args, meta)
+        if args.errors:
+            explainer_from_args(args, model, meta, args.threshold)  # a bad --cam-layer fails before any scoring
         if args.set:
             return _cross_source(args, model, meta)
         size, mode = int(meta["image_size"]), scoring_mode(args, meta)
-        s, items, skipped, source = _score(args, model, meta, mode, need_items=args.robustness)
+        s, items, skipped, source = _score(args, model, meta, mode, need_items=args.robustness or bool(args.errors))
         check_finite(s.scores, s.ids, meta["path"])
     except (CheckpointError, DataError, InputError, OutputError, FileNotFoundError, ValueError) as e:
         logger.error("evaluate: %s", shown(e))
@@ -300,7 +332,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         rob = run_sweep(model, items, clean=clean, threshold=args.threshold, image_size=size, mode=mode,
                         device=args.device, batch_size=args.batch_size, num_workers=args.workers, norm=norm_of(meta))
     try:
-        names = _write(args, _outputs(args, meta, s, report, rob, mode))
+        files = _errors(args, model, meta, [(None, s, items)], report)
+        names = _write(args, files + _outputs(args, meta, s, report, rob, mode))
+    except ExplainError as e:
+        logger.error("evaluate: %s; nothing written", e)
+        return 2
     except OutputError as e:
         logger.error("evaluate: %s; nothing written", e)
         return 2

@@ -10,6 +10,8 @@ preprocessed exactly as the loaders' eval path (`pipeline.data.folders`). Rows: 
 ``error`` (empty, or ``reason: detail`` for a file that could not be read; then ``p_fake`` and
 ``label`` are empty), ``path_bytes_hex`` (empty, or the exact bytes of a path that is not valid UTF-8
 or holds control characters: ``path`` then shows it escaped, see `pipeline.scoring.outputs`).
+``--explain DIR`` also writes one PNG per scored image into DIR: the model's input, its Grad-CAM heat
+map over it and the score (`pipeline.scoring.explain_files`; ``--cam-layer``, ``--cam-method``).
 ``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold", "n", "n_errors",
 "predictions": [rows]}`` with ``p_fake``/``label``/``path_bytes_hex`` null where not applicable.
 Everything written (file or stdout) is UTF-8; the file is written atomically, and an ``--out`` that
@@ -43,9 +45,11 @@ from pipeline.data.folders import collect
 from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
                                   stdout_bytes)
 from pipeline.scoring.media import add_media_args, expand, face_settings, pool_files
+from pipeline.scoring.explain import ExplainError
+from pipeline.scoring.explain_files import add_cam_args, check_gradients, explain_rows, explainer_from_args
 from pipeline.scoring.modes import score_items
-from pipeline.scoring.outputs import (OutputError, check_apart, check_output_file, path_hex, showable, shown,
-                                      writing)
+from pipeline.scoring.outputs import (OutputError, check_apart, check_output_dir, check_output_file, path_hex,
+                                      showable, shown, writing)
 from pipeline.scoring.score import check_finite
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 from shard_tools.inputs import InputError
@@ -74,6 +78,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="write rows to this .csv or .json file (default: CSV on stdout)")
     g.add_argument("--per-frame", action="store_true",
                    help="also one row per scored face crop of each video (frame index, time, face index)")
+    g = p.add_argument_group("explanations")
+    g.add_argument("--explain", default=None, metavar="DIR",
+                   help="also write a PNG per scored image into DIR: the input, a class-activation heat map over it "
+                        "and the score (plus DIR/explanations.csv)")
+    add_cam_args(g)
     return p
 
 
@@ -177,19 +186,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.out is not None:
             check_output_file("--out", args.out, "file name ending in .csv or .json")
             check_apart("--out", args.out, [("PATH", p) for p in args.paths])
+        if args.explain is not None:
+            check_output_dir("--explain", args.explain)
+            check_apart("--explain", args.explain, [("PATH", p) for p in args.paths])
+            check_gradients(args.checkpoint)
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
+        explainer = explainer_from_args(args, model, meta, args.threshold) if args.explain is not None else None
         mode = scoring_mode(args, meta)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
                        checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
                        per_frame=args.per_frame, norm=norm_of(meta))
         rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
+        if explainer is not None:  # whole images only: crops of photos and videos are not drawn yet
+            n_png = explain_rows(explainer, [r for r in rows if r["kind"] == "image"], Path(args.explain),
+                                 image_size=int(meta["image_size"]), mode=mode, device=args.device,
+                                 batch_size=args.batch_size, num_workers=args.workers)
+            logger.info("wrote %d heat-map PNGs (layer %s, %s) into %s", n_png, explainer.layer, args.cam_method,
+                        shown(args.explain))
         n_err = sum(r["error"] is not None for r in rows)
         for r in rows:
             if r["error"] is not None:
                 logger.warning("could not read %s: %s", shown(r["path"]), shown(r["error"]))
         _write(args.out, rows_all, {**meta, "scoring": mode}, args.threshold)
-    except (CheckpointError, InputError, OutputError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, InputError, OutputError, FileNotFoundError, ValueError, ExplainError) as e:
         logger.error("predict: %s", shown(e))
         return 2
     n_fake = sum(r["label"] == "fake" for r in rows)

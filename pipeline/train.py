@@ -96,6 +96,11 @@ def _add_aug_args(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--fakes", default=d["fakes"].default, choices=FAKES,
                    help="all: train on the split's fakes too; sbi-only: leave them out and learn from reals and "
                         "their pseudo-fakes alone (needs --self-blend)")
+    g = p.add_argument_group("explanations")
+    g.add_argument("--explain-val", type=int, default=d["explain_val"].default, metavar="K",
+                   help="after each epoch, put a grid of K fixed val images (the first by id, half of each class) with "
+                        "their Grad-CAM heat maps into TensorBoard (tag explain/val; main process; 0: off). Needs "
+                        "local val shards")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -105,6 +105,7 @@ def test_single_process_run_writes_every_output(packed, tmp_path, caplog):
             assert np.isfinite(float(r[k])), (k, r)
         assert float(r["img_s"]) > 0 and float(r["data_wait_s"]) >= 0 and float(r["compute_s"]) > 0
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert _tb_images(run / "tb") == {"explain/val": [1, 2]}  # the fixed val grid with heat maps, every epoch
     with Image.open(run / "curves.png") as im:
         assert im.format == "PNG"
     assert (run / "state" / "epoch_0002" / "progress.json").exists()
@@ -141,6 +142,23 @@ def test_single_process_run_writes_every_output(packed, tmp_path, caplog):
     assert _rows(run) == rows
 
 
+def _tb_images(folder: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def test_explain_val_0_turns_the_grid_off_and_may_change_on_resume(packed, tmp_path):
+    run = tmp_path / "run"
+    assert main(_args(packed, run, "--epochs", "1", "--max-steps", "1", "--explain-val", "0")) == 0
+    assert _tb_images(run / "tb") == {}
+    assert json.loads((run / "config.json").read_text())["explain_val"] == 0
+    # What TensorBoard shows is not a training setting: a resumed run may show another grid.
+    assert main(_args(packed, run, "--epochs", "1", "--max-steps", "1", "--resume", "--explain-val", "4")) == 0
+
+
 def test_mse_loss_is_squared_error_of_the_sigmoid(packed, tmp_path):
     run = tmp_path / "mse"
     assert main(_args(packed, run, "--epochs", "1", "--max-steps", "2", "--loss", "mse", "--optimizer", "adam")) == 0
@@ -174,6 +192,8 @@ def _broken_copy(packed: Path, tmp_path: Path, how: str) -> Path:
         ("small-image", ["--image-size", "16"], "--image-size 16: must be a whole number of pixels in [32, 4096]"),
         ("big-batch", ["--batch-size", "4096"], "--batch-size 4096: larger than each process's share"),
         ("bad-lr", ["--lr", "-1"], "--lr -1.0: must be a positive number"),
+        ("bad-explain-val", ["--explain-val", "-1"], "--explain-val -1: must be >= 0"),
+        ("big-explain-val", ["--explain-val", "65"], "--explain-val 65: at most 64"),
         ("out-not-run", [], "folder exists and is not empty"),
         ("out-file", [], "is a file, expected a run directory"),
     ],
@@ -251,6 +271,7 @@ def test_two_cpu_processes_under_accelerate_launch(packed, tmp_path):
         assert (run / name).exists(), name
     assert list((run / "tb").glob("events.out.tfevents.*")) and (run / "state" / "epoch_0002").is_dir()
     assert len(_rows(run)) == 2
+    assert _tb_images(run / "tb") == {"explain/val": [1, 2]}  # drawn on the main process, DDP undisturbed (below)
 
     ranks = [json.loads((run / "ranks" / f"rank-{i}.json").read_text()) for i in (0, 1)]
     assert [r["process_index"] for r in ranks] == [0, 1]
@@ -282,6 +303,7 @@ def test_grad_accum_and_bf16_autocast(packed, tmp_path):
     assert summary["mixed_precision"] == "bf16" and summary["steps_per_epoch"] == 2
     assert summary["global_batch_size"] == 16
     assert np.isfinite(float(_rows(run)[0]["train_loss"]))
+    assert _tb_images(run / "tb") == {"explain/val": [1]}  # heat maps from bf16 activations too
 
 
 def test_auto_backend_on_cpu_is_torch(packed, tmp_path):

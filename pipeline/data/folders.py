@@ -119,7 +119,8 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
     for shard in shards:
         if is_remote(shard) or not Path(shard).is_file():
             raise ValueError(
-                f"{shard}: reading shard images one by one (evaluate --robustness) needs local .tar files, not URLs"
+                f"{shard}: reading shard images one by one (evaluate --robustness or --errors, the train grid) needs "
+                "local .tar files, not URLs"
             )
         samples: Dict[str, dict] = {}
         with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.data.tar_reader)

@@ -77,8 +77,8 @@ def score_shards(model: torch.nn.Module, spec: LoaderSpec, *, need_items: bool =
     try:
         local = not any(is_remote(shard) for shard in loader.shardset.shards)
         if need_items and not local:
-            raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness) needs local .tar "
-                             "shards; copy them to a local folder first")
+            raise ValueError(f"{spec.data}: reading shard images one by one (evaluate --robustness or --errors) needs "
+                             "local .tar shards; copy them to a local folder first")
         items = shard_items(loader.shardset.shards) if local else []
         ids, labels, scores = _score_loader(model, loader, f"evaluate {spec.split}", progress)
     finally:

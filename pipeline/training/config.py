@@ -22,6 +22,8 @@ SCHEDULES = ("cosine", "constant")
 
 PRECISIONS = ("no", "fp16", "bf16")
 
+MAX_EXPLAIN_VAL = 64
+
 FAKES = ("all", "sbi-only")  # sbi-only: the split's fakes are left out of training (reals + pseudo-fakes)
 
 # The original project's settings (Adam 1e-5, MSE, batch 32, 224 px, its augmentation, no schedule).
@@ -73,6 +75,7 @@ class TrainConfig:
     cpu: bool = False
     mixed_precision: Optional[str] = None
     resume: bool = False
+    explain_val: int = 8  # val images in the per-epoch TensorBoard heat-map grid (0: off); not a training setting
 
     def __post_init__(self) -> None:
         def choice(flag: str, value: Any, allowed) -> None:
@@ -120,8 +123,11 @@ class TrainConfig:
         for flag, value in (("epochs", self.epochs), ("batch-size", self.batch_size), ("grad-accum", self.grad_accum)):
             at_least(flag, value, 1)
         for flag, value in (("workers", self.workers), ("max-steps", self.max_steps), ("weight-decay", self.weight_decay),
-                            ("warmup-epochs", self.warmup_epochs), ("clip-grad", self.clip_grad)):
+                            ("warmup-epochs", self.warmup_epochs), ("clip-grad", self.clip_grad),
+                            ("explain-val", self.explain_val)):
             at_least(flag, value, 0)
+        if self.explain_val > MAX_EXPLAIN_VAL:
+            raise ValueError(f"--explain-val {self.explain_val}: at most {MAX_EXPLAIN_VAL} (a grid, not a data set)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"--lr {self.lr}: must be a positive number")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

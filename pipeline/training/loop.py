@@ -13,6 +13,7 @@ import torch
 from model import count_params
 from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data.shards import DataError
+from pipeline.scoring.explain import ExplainError
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
 from pipeline.scoring.outputs import OutputError, shown, writing
 from pipeline.training.epoch import train_epoch, validate
@@ -148,6 +149,7 @@ def _epoch(cfg, accelerator, setup: Setup, prepared, progress: Progress, epoch: 
         progress.best_score, progress.best_epoch, progress.best_metrics = score, epoch, to_jsonable(val)
     if accelerator.is_main_process:
         _write_epoch_outputs(cfg, setup, accelerator.unwrap_model(model), val, progress, improved, tb)
+        _log_val_grid(setup, accelerator.unwrap_model(model), tb, epoch)
     logger.info("epoch %d/%d  train_loss %.4f  val_loss %.4f  %s  | %.0f img/s, data wait %.1f s, compute %.1f s, "
                 "val %.1f s%s", epoch, cfg.epochs, tr.loss, val["loss"], format_metrics(val), tr.img_s,
                 tr.data_wait_s, tr.compute_s, val_s, "  (best)" if improved else "")
@@ -181,6 +183,18 @@ def _write_epoch_outputs(cfg, setup: Setup, model, val: Dict[str, Any], progress
         if row.get(key) is not None:
             tb.add_scalar(tb_tag(key), row[key], progress.epoch)
     tb.flush()
+
+
+def _log_val_grid(setup: Setup, model, tb, epoch: int) -> None:
+    """The explained val grid of this epoch into TensorBoard; a grid that cannot be made is switched off."""
+    if setup.val_grid is None:
+        return
+    try:
+        tb.add_image("explain/val", setup.val_grid.image(model, title=f"epoch {epoch}"), epoch, dataformats="HWC")
+        tb.flush()
+    except ExplainError as e:
+        logger.warning("explanation grid switched off: %s", e)
+        setup.val_grid = None
 
 
 def _param_checksum(model) -> float:

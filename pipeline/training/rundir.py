@@ -34,9 +34,10 @@ class RunError(ValueError):
 
 
 def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
-    """The settings a resumed run must share with the saved one: all but ``resume`` and ``out``
-    (the same folder by definition), with local ``data`` paths compared by their resolved paths."""
-    out = {k: v for k, v in config.items() if k not in ("resume", "out")}
+    """The settings a resumed run must share with the saved one: all but ``resume``, ``out`` (the same
+    folder by definition) and ``explain_val`` (what TensorBoard shows, not how the model trains), with a
+    local ``data`` path compared by its resolved path."""
+    out = {k: v for k, v in config.items() if k not in ("resume", "out", "explain_val")}
     resolve = lambda d: str(Path(d).resolve()) if isinstance(d, str) and Path(d).exists() else d  # noqa: E731
     data = out.get("data")
     out["data"] = [resolve(d) for d in data] if isinstance(data, (list, tuple)) else resolve(data)

@@ -14,6 +14,7 @@ from model import create_model, head_prefixes
 from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import verify_shards
+from pipeline.scoring.errors import ValGrid
 from pipeline.training.optim import freeze_bn_params
 from pipeline.training.rundir import RunError, check_run_dir
 from pipeline.training.sources import source_names
@@ -84,6 +85,11 @@ class Setup:
         self.sources = self._table(cfg)
         faces = [getattr(s, "faces", None) for s in getattr(self.train_loader, "shardsets", [self.train_loader.shardset])]
         self.faces = faces[0] if all(f == faces[0] for f in faces) else None  # the framing travels with the model
+        self.val_grid = None  # the per-epoch heat maps of a few fixed val images (main process only)
+        first_val = next(iter(self.val_loaders.values()))
+        if accelerator.is_main_process and cfg.explain_val:
+            self.val_grid = ValGrid.from_shards(first_val.shardset.shards, cfg.explain_val,
+                                                image_size=cfg.image_size, preprocess=spec.aug.preprocess)
         if len(self.sources) > 1:
             for s in self.sources:
                 logger.info("source %s: %s, %d train samples, %d per epoch (%.1f%%%s), %d val samples", s["name"],
