@@ -44,7 +44,7 @@ from shard_tools.format import CLASS_NAMES, MANIFEST, is_remote
 from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
 from shard_tools.inputs import InputError, Skip, check_apart, collect, normalized_root
 from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
-from shard_tools.storage import StorageError, parse_storage_options
+from shard_tools.storage import StorageError, option_names, parse_storage_options
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, poo
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.out).startswith("file://"):  # a local folder: its flock and ownership rules apply
+        args.out = str(args.out)[len("file://"):]
     if is_remote(str(args.out)):
         from shard_tools.remote import pack_to_url
 
@@ -255,7 +257,8 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
     hist = histograms(kept_all)
     return {
         "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())},
+        "args": {k: (str(v) if isinstance(v, Path) else option_names(v) if k == "storage_options" else v)
+                 for k, v in sorted(vars(args).items())},  # option names only: values may be secrets
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
         "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},

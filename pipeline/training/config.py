@@ -11,7 +11,7 @@ from model import INPUT_FILTERS, list_models, validate_kwargs
 from pipeline.augment.config import PREPROCESS, PRESETS, AugConfig
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
-from shard_tools.storage import parse_storage_options
+from shard_tools.storage import option_names, parse_storage_options, redacted
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -135,4 +135,9 @@ class TrainConfig:
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as config.json and the checkpoints record them: ``storage_options`` by key names only
+        and URLs without a password (credential values are never written anywhere)."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = option_names(self.storage_options)
+        d["data"], d["val_data"] = redacted(self.data), redacted(self.val_data)
+        return d

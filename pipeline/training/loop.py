@@ -16,15 +16,17 @@ from pipeline.data.contract import LoaderSpec
 from pipeline.data.loader import build_loader
 from pipeline.data.shards import DataError, verify_shards
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
-from pipeline.scoring.outputs import OutputError, shown, writing
+from pipeline.scoring.outputs import OutputError, out_of_memory, shown, writing
 from pipeline.training.epoch import evaluate, train_epoch
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.rundir import (
     METRIC_COLUMNS,
     Progress,
     RunError,
+    check_pack,
     check_run_dir,
     latest_state,
+    lock_run_dir,
     load_training_state,
     save_training_state,
     selection_score,
@@ -37,13 +39,18 @@ logger = logging.getLogger("pipeline.train")
 
 
 class _Setup:
-    """Everything built before the first epoch (per process)."""
+    """Everything built before the first epoch (per process); `close` releases what `build` got so far."""
 
-    def __init__(self, cfg, accelerator) -> None:
+    def __init__(self) -> None:
+        self.lock = self.train_loader = self.val_loader = None
+
+    def build(self, cfg, accelerator) -> None:
         out = Path(cfg.out)
         world = accelerator.num_processes
         # Every rank checks before the main process writes anything, so all agree on the outcome.
         check_run_dir(out, cfg.to_dict(), resume=cfg.resume)
+        self.lock = lock_run_dir(out, accelerator)
+        check_run_dir(out, cfg.to_dict(), resume=cfg.resume)  # again, now that no other run can write there
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
                           batch_size=cfg.batch_size, image_size=cfg.image_size, aug=cfg.aug_config(),
                           rank=accelerator.process_index, world_size=world, seed=cfg.seed, num_workers=cfg.workers,
@@ -52,9 +59,11 @@ class _Setup:
         self.train_loader = build_loader(spec)
         self.val_loader = build_loader(spec.replace(data=cfg.val_data or cfg.data, split="val", train=False, aug=spec.aug.for_eval(),
                                                      fakes="all"))
+        self.pack = {"train": self.train_loader.shardset.fingerprint, "val": self.val_loader.shardset.fingerprint}
+        check_pack(out, self.pack, resume=cfg.resume)
         if cfg.verify_data:
             for loader in (self.train_loader, self.val_loader):
-                verify_shards(loader.shardset, progress=accelerator.is_main_process)
+                verify_shards(loader.shardset, cache_dir=cfg.cache_dir, progress=accelerator.is_main_process)
         self.backend = spec.backend
         steps = len(self.train_loader)
         if cfg.max_steps:
@@ -67,11 +76,14 @@ class _Setup:
         self.n_train, self.n_val = self.train_loader.split_samples, self.val_loader.split_samples
 
     def close(self) -> None:
-        """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
+        """Release the loaders' pipelines (DALI) now rather than at interpreter exit, then the run folder."""
         for loader in (self.train_loader, self.val_loader):
             close = getattr(loader, "close", None)
             if close is not None:
                 close()
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
 
 
 def run(cfg, *, on_step=None) -> int:
@@ -87,10 +99,10 @@ def run(cfg, *, on_step=None) -> int:
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines
-    setup = None
+    setup = _Setup()
     try:
         try:
-            setup = _Setup(cfg, accelerator)
+            setup.build(cfg, accelerator)
         except (ValueError, DataError, CheckpointError, OutputError) as e:
             if main_proc:
                 logger.error("error: %s", shown(e))
@@ -101,13 +113,15 @@ def run(cfg, *, on_step=None) -> int:
             if main_proc:
                 logger.error("error: %s", shown(e))
             return 2
-        except (DataError, OutputError) as e:  # met by this rank alone: it says so, whichever rank it is
+        except (DataError, OutputError, RuntimeError, MemoryError) as e:  # met by this rank alone: it says so
+            line = shown(e) if isinstance(e, (DataError, OutputError)) else out_of_memory(e, cfg.image_size, cfg.batch_size)
+            if line is None:
+                raise
             where = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
-            logger.error("error: %s%s", where, shown(e))
+            logger.error("error: %s%s", where, line)
             return 2
     finally:
-        if setup is not None:
-            setup.close()
+        setup.close()
         accelerator.end_training()
 
 
@@ -141,7 +155,7 @@ def _train(cfg, accelerator, setup: _Setup, on_step=None) -> int:
     model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
     if main_proc:
         with writing(out / "config.json"):
-            atomic_write_json(out / "config.json", cfg.to_dict())
+            atomic_write_json(out / "config.json", {**cfg.to_dict(), "pack": setup.pack})
     accelerator.wait_for_everyone()
     if progress.epoch >= cfg.epochs and (out / "summary.json").exists():
         logger.info("%s already finished all %d epochs; nothing to do", out, cfg.epochs)
