@@ -49,6 +49,7 @@ from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
 TOOL, VERSION, FORMAT_VERSION = outdir.TOOL, "0.1.0", 1
+_ROWS_SHOWN = 20  # skipped CSV rows named in the log (all of them are in the manifest)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -233,6 +234,11 @@ def run(args: argparse.Namespace) -> int:
 def _report(manifest: dict, skips: List[Skip], n_kept: int, n_shards: int, n_cands: int, out: Path, dt: float) -> None:
     for line in _summary(manifest["counts"], skips):
         logger.info(line)
+    rows = [s for s in skips if s.reason in ("bad-csv-row", "outside-root")]  # each names FILE:LINE
+    for s in rows[:_ROWS_SHOWN]:
+        logger.warning("skipped %s: %s: %s", s.path, s.reason, s.detail)
+    if len(rows) > _ROWS_SHOWN:
+        logger.warning("... and %d more CSV rows skipped (all in %s 'skipped')", len(rows) - _ROWS_SHOWN, MANIFEST)
     for w in manifest["warnings"]:
         logger.warning("warning: %s", w)
     logger.info("packed %d samples (train %d, val %d) into %d shards in %s in %.1fs (%.0f img/s)", n_kept,
