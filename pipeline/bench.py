@@ -34,6 +34,7 @@ from tqdm import tqdm
 from pipeline.benchmark.report import add_ratios, plot, table
 from pipeline.benchmark.runner import run_row
 from shard_tools.fsutil import atomic_write_json
+from shard_tools.storage import option_names, parse_storage_options, redacted
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,16 @@ def _settle_args(args: argparse.Namespace) -> Optional[str]:
 
     if args.device == "auto":
         args.device = default_device()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available on this machine; use --device cpu (or auto)"
+    try:
+        parse_storage_options(args.storage_options)
+    except ValueError as e:
+        return str(e)
+    if args.storage_options and not args.remote_data:
+        return "--storage-options is for --remote-data (a URL); give both or neither"
     args.model = args.model or ("deepfakenet_base" if args.device == "cuda" else "deepfakenet_tiny")
     if "stall" in args.rows:
         from model import list_models
@@ -317,6 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         shards = resolve_shards(args.data, args.split)
+        if args.remote_data:  # checked here, once: not inside each row (where the local row would fail with it)
+            resolve_shards(args.remote_data, args.split, storage_options=parse_storage_options(args.storage_options))
     except DataError as e:
         logger.error("%s", e)
         return 2
@@ -331,7 +344,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     report = {
         "tool": "deepfake-bench", "version": VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "args": {**vars(args), "rows": args.rows, "backends": args.backends, "decode": args.decode},
+        "args": {**vars(args), "rows": args.rows, "backends": args.backends, "decode": args.decode,
+                 "storage_options": option_names(args.storage_options), "remote_data": redacted(args.remote_data)},
         "machine": _machine(args.device),
         "data": {"split": args.split, "shards": len(shards.shards), "num_samples": shards.num_samples},
         "rows": rows, "summary": summary,

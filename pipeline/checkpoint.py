@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.augment.config import DEFAULT_NORM, PREPROCESS, Norm, check_norm
-from shard_tools.fsutil import atomic_write_bytes
+from shard_tools.fsutil import atomic_write_bytes, loads_json
 
 FORMAT = "deepfake-detector/1"
 BEST = "best.safetensors"
@@ -164,7 +164,7 @@ def _parse_fields(path: Path, raw: Mapping[str, str]) -> Dict[str, Any]:
         if key not in raw:
             continue
         try:
-            meta[key] = json.loads(raw[key])
+            meta[key] = loads_json(raw[key])
         except (ValueError, RecursionError) as e:
             raise _bad(path, key, raw[key], f"not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
         if not ok(meta[key]):

@@ -125,16 +125,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str]) -> None:
-    """Refuse a --real path that is a --fake path, or inside one (or the other way round): its images
-    would be scored as both classes."""
+def check_disjoint(p: argparse.ArgumentParser, real: Sequence[str], fake: Sequence[str],
+                   names: Sequence[str] = ("--real", "--fake")) -> None:
+    """Refuse a real path that is a fake path, or inside one (or the other way round): its images would be
+    scored as both classes. ``names`` are what the message calls the two (the flags, or a --set's parts)."""
     for r in real:
         for f in fake:
             a, b = os.path.realpath(r), os.path.realpath(f)
             if a == b:
-                p.error(f"--real {r} and --fake {f} are the same path: every image there would count as both classes")
+                p.error(f"{names[0]} {r} and {names[1]} {f} are the same path: every image there would count as both classes")
             if os.path.commonpath([a, b]) in (a, b):
-                p.error(f"--real {r} and --fake {f} overlap (one is inside the other): the images they share "
+                p.error(f"{names[0]} {r} and {names[1]} {f} overlap (one is inside the other): the images they share "
                         "would count as both classes")
 
 
@@ -149,8 +150,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.set:
         if args.real or args.fake or args.robustness:
             p.error("--set makes the cross-source report: give sets (and optionally --data), not --real/--fake/--robustness")
-        for _, real, fake in args.set:
-            check_disjoint(p, real, fake)
+        names = [name for name, _, _ in args.set]
+        for name, real, fake in args.set:
+            if names.count(name) > 1:
+                p.error(f"--set {name}: that name is given {names.count(name)} times; give each set its own name")
+            check_disjoint(p, real, fake, (f"--set {name}: its real folder", "its fake folder"))
         return
     if args.data is not None and (args.real or args.fake):
         p.error("give either --data, or --real and --fake, not both")
@@ -224,6 +228,7 @@ def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
             drawn = args.errors and mode == scoring_mode(args, meta)
             s, items, skipped, _ = _score(args, model, meta, mode, real, fake, need_items=bool(drawn))
             check_finite(s.scores, s.ids, meta["path"])
+            _both_classes(s, skipped, f"--set {name}" if real else f"--data {shown(args.data)} ({args.split})")
             rows.append(cross.row(name, mode, s.labels, s.scores, args.threshold, len(skipped)))
             if s.has_faces:
                 v = video_level(s, args.pool)
@@ -240,6 +245,14 @@ def _cross_source(args: argparse.Namespace, model, meta: dict) -> int:
     ])
     logger.info("wrote %s into %s", ", ".join(names), shown(args.out))
     return 0
+
+
+def _both_classes(s, skipped: List[dict], where: str) -> None:
+    """InputError naming the set when it gave no readable image of a class (AUC/EER need both)."""
+    missing = [name for name, c in (("real", 0), ("fake", 1)) if not (s.labels == c).any()]
+    if missing:
+        raise InputError(f"{where}: no readable {' and '.join(missing)} images to score ({len(skipped)} skipped): "
+                         "AUC/EER need both classes; nothing written")
 
 
 def _report(args: argparse.Namespace, meta: dict, s, skipped: List[dict], source: dict, mode: str) -> dict:

@@ -28,6 +28,7 @@ from pipeline.augment.face_mask import face_box_in_crop
 from pipeline.augment.self_blend import contact_sheet, self_blend
 from pipeline.data.folders import collect, read_item, shard_items
 from pipeline.data.shards import DataError, resolve_shards
+from shard_tools.format import is_remote
 from shard_tools.fsutil import atomic_open
 from shard_tools.imageio import BadImage, load_rgb
 
@@ -71,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--n {args.n}: must be in [1, 64]")
     if not args.out.lower().endswith(".png"):
         parser.error(f"--out {args.out}: must be a .png file")
+    if args.data is not None and is_remote(args.data):
+        parser.error(f"--data {args.data}: deepfake-sbi-sheet reads the images of a local pack output; copy it to a "
+                     "local folder first (or give --images DIR)")
     try:
         items = _reals(args)
     except (DataError, ValueError, FileNotFoundError) as e:

@@ -4,8 +4,8 @@ Walk rules: entries are visited in sorted name order (deterministic whatever the
 symlinks to folders are followed once (a loop is skipped as ``symlink-loop``); names starting with ``.``
 (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints/``) are skipped as ``hidden``; every other entry that is
 not a folder becomes a candidate whatever its extension (content decides later). A root is stored
-normalised (``os.path.normpath``: ``faces/real/``, ``./faces/real`` and ``faces//real`` all become
-``faces/real``), so shard bytes never depend on how a path was spelled.
+absolute and normalised (``faces/real/``, ``./faces/real``, ``faces//real`` and ``/data/faces/real`` run
+from ``/data`` all become ``/data/faces/real``), so shard bytes never depend on how a path was spelled.
 
 CSV rules: columns ``image,label`` (an optional header row is recognised), ``image`` relative to
 ``--images-root``, labels ``REAL``/``FAKE`` in any case or ``0``/``1``. Each line is read on its own
@@ -63,15 +63,16 @@ class Skip:
 
 
 def normalized_root(flag: str, root: str) -> str:
-    """``root`` through ``os.path.normpath``; InputError if empty, or if dropping a ``..`` changes which
-    folder it names (``link/..`` where ``link`` is a symlink)."""
+    """``root`` as an absolute, normalised path (``os.path.normpath``, then ``os.path.abspath``: relative and
+    absolute spellings of one folder give the same text); InputError if empty, or if dropping a ``..``
+    changes which folder it names (``link/..`` where ``link`` is a symlink)."""
     if not str(root):
         raise InputError(f"{flag} '': empty path")
     norm = os.path.normpath(root)
     if ".." in Path(root).parts and os.path.exists(root) and os.path.exists(norm) and not os.path.samefile(root, norm):
         raise InputError(f"{flag} {root}: its '..' follows a symlink, so it is not the folder {norm}; "
                          "spell the path without '..'")
-    return norm
+    return os.path.abspath(norm)
 
 
 def walk_folder(root: str, label: int, exclude: Optional[Path] = None) -> Iterator[Candidate | Skip]:

@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a file: repo root on sys.path, this file
 from pathlib import Path
 
 import argparse
-import json
 import logging
 import random
 import tarfile
@@ -168,7 +167,7 @@ def load_manifest(root: Path) -> Tuple[Optional[dict], Optional[str]]:
     if not path.is_file():
         return None, f"{path} is missing: {root} is not a complete pack output"
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
+        manifest = fsutil.loads_json(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as e:
         return None, f"{path} is not a deepfake-pack manifest ({type(e).__name__}: {e})"
     why = check_manifest(manifest)
@@ -187,7 +186,12 @@ def _run_verify(root: Path, manifest: dict, shown: Optional[str] = None) -> int:
     if problems:
         logger.error("verify: FAILED with %d problem(s) in %s", len(problems), shown or root)
         return 1
-    logger.info("verify: OK (%d samples)", sum(s["num_samples"] for s in manifest["splits"].values()))
+    n = sum(s["num_samples"] for s in manifest["splits"].values())
+    if shown:  # what was read is a fresh download, not any copy that train/evaluate keep
+        logger.info("verify: OK (%d samples, downloaded from %s just now; a --cache-dir of train or evaluate was "
+                    "not read: their --verify-data re-hashes the cached copies)", n, shown)
+    else:
+        logger.info("verify: OK (%d samples)", n)
     return 0
 
 

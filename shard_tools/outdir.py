@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -57,7 +56,7 @@ def _load_ours(path: Path, what: str) -> dict:
         raise InputError(f"{path} is not a regular file, so not a {TOOL} {what}; refusing to touch this folder: "
                          "move it away or choose another --out")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = fsutil.loads_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read it as a {TOOL} {what} ({type(e).__name__}); refusing to touch "
                          "a folder this tool may not have written: move the file away or choose another --out") from None
@@ -67,7 +66,16 @@ def _load_ours(path: Path, what: str) -> dict:
     return obj
 
 
-def _names_in(path: Path, obj: dict, what: str) -> Set[str]:
+def claimed_names(obj, where: str) -> Set[str]:
+    """The shard/index names of a manifest already parsed from ``where`` (a URL): InputError unless it is a
+    manifest of this tool naming only files this tool writes (the rule `survey` applies to a folder)."""
+    if not isinstance(obj, dict) or obj.get("tool") != TOOL:
+        raise InputError(f"{where} is not a {TOOL} manifest; refusing to touch a prefix this tool did not write: "
+                         "move it away or choose another --out")
+    return _names_in(where, obj, "manifest")
+
+
+def _names_in(path, obj: dict, what: str) -> Set[str]:
     """The output names a manifest (``splits``) or marker (``outputs``) claims; each must follow our naming rule."""
     if what == "manifest":
         splits = obj.get("splits")
@@ -113,8 +121,8 @@ def _holder_text(fd: int) -> str:
     return f"pid {pid}"
 
 
-def _busy(out: Path, holder: str) -> InputError:
-    return InputError(f"--out {out} is being written by another {TOOL} ({holder})")
+def _busy(out: Path, holder: str, tool: str = TOOL) -> InputError:
+    return InputError(f"--out {out} is being written by another {tool} ({holder})")
 
 
 def survey(out: Path, overwrite: bool, *, locked: bool = False) -> Survey:
@@ -197,10 +205,11 @@ def finish(out: Path) -> None:
 class OutputLock:
     """``with OutputLock(out):`` creates ``out`` if needed and holds an exclusive, non-blocking ``flock`` on
     ``out/.deepfake-pack.lock`` (forked workers inherit it, so it stays held while any of them can still write).
-    On exit the lock file is removed, and so are the folders this lock created if they are still empty."""
+    On exit the lock file is removed, and so are the folders this lock created if they are still empty.
+    ``name`` and ``tool`` lock a folder of another tool (deepfake-train's run folder)."""
 
-    def __init__(self, out: Path):
-        self.out, self.path, self.fd, self.created = out, out / LOCK, -1, []
+    def __init__(self, out: Path, *, name: str = LOCK, tool: str = TOOL):
+        self.out, self.path, self.fd, self.created, self.tool = Path(out), Path(out) / name, -1, [], tool
 
     def __enter__(self) -> "OutputLock":
         p = self.out
@@ -223,18 +232,18 @@ class OutputLock:
             except BlockingIOError:
                 holder = _holder_text(fd)
                 os.close(fd)
-                raise _busy(self.out, holder) from None
+                raise _busy(self.out, holder, self.tool) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
             except FileNotFoundError:
                 same = False
             if same:  # else its holder removed it between our open and our lock: lock the new one
                 os.ftruncate(fd, 0)
-                os.write(fd, f"{TOOL} pid {os.getpid()}\n".encode())
+                os.write(fd, f"{self.tool} pid {os.getpid()}\n".encode())
                 self.fd = fd
                 return
             os.close(fd)
-        raise InputError(f"--out {self.out}: could not take {self.path} (other packs keep replacing it)")
+        raise InputError(f"--out {self.out}: could not take {self.path} (other runs keep replacing it)")
 
     def __exit__(self, *exc) -> None:
         with contextlib.suppress(FileNotFoundError):

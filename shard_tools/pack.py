@@ -51,11 +51,12 @@ from shard_tools.media.groups import RULES, parse_rule
 from shard_tools.media.packing import assign_groups, count_lines, extract_all, group_report
 from shard_tools.media.probe import read_head, video_container
 from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
-from shard_tools.storage import StorageError, parse_storage_options
+from shard_tools.storage import StorageError, option_names, parse_storage_options
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
 TOOL, VERSION, FORMAT_VERSION = outdir.TOOL, "0.1.0", 1
+_ROWS_SHOWN = 20  # skipped CSV rows named in the log (all of them are in the manifest)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -227,6 +228,8 @@ def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, poo
 
 
 def run(args: argparse.Namespace) -> int:
+    if str(args.out).startswith("file://"):  # a local folder: its flock and ownership rules apply
+        args.out = str(args.out)[len("file://"):]
     if is_remote(str(args.out)):
         from shard_tools.remote import pack_to_url
 
@@ -285,6 +288,11 @@ def _report(manifest: dict, skips: List[Skip], n_kept: int, n_shards: int, n_can
     if "faces" in manifest:
         for line in count_lines(manifest["faces"]["counts"], skips):
             logger.info(line)
+    rows = [s for s in skips if s.reason in ("bad-csv-row", "outside-root")]  # each names FILE:LINE
+    for s in rows[:_ROWS_SHOWN]:
+        logger.warning("skipped %s: %s: %s", s.path, s.reason, s.detail)
+    if len(rows) > _ROWS_SHOWN:
+        logger.warning("... and %d more CSV rows skipped (all in %s 'skipped')", len(rows) - _ROWS_SHOWN, MANIFEST)
     for w in manifest["warnings"]:
         logger.warning("warning: %s", w)
     logger.info("packed %d samples (train %d, val %d; groups %d / %d) into %d shards in %s in %.1fs (%.0f %s/s)",
@@ -314,8 +322,8 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         extra["faces"] = {"settings": _face_settings(args).to_dict(), "counts": face_counts}
     return {
         "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
-                 if k != "face_settings"},
+        "args": {k: (str(v) if isinstance(v, Path) else option_names(v) if k == "storage_options" else v)
+                 for k, v in sorted(vars(args).items()) if k != "face_settings"},  # option names only: values may be secrets
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
         "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},

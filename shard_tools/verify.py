@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from tqdm import tqdm
 
-from shard_tools.fsutil import sha256_file
+from shard_tools.fsutil import loads_json, sha256_file
 from shard_tools.format import CLASS_NAMES, IMAGE_EXTS
 from shard_tools.imageio import BadImage, inspect_bytes
 
@@ -93,7 +93,7 @@ def _check_sample(key: str, members: Dict[str, bytes], where: str,
         return None, [f"{where}: sample {key}: cls is {cls_text[:20]!r}, expected 0 or 1"]
     label = int(cls_text)
     try:
-        meta = json.loads(members["json"])
+        meta = loads_json(members["json"])
         if not isinstance(meta, dict):
             raise ValueError("not an object")
     except ValueError as e:

@@ -13,6 +13,19 @@ from helpers import make_image_dirs, pack_dirs
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_root(tmp_path_factory):
+    """The tools' cache folder (`shard_tools.fsutil.cache_root`: SHA-256 records, DALI downloads) in a temp
+    folder for the session, never the user's ~/.cache; subprocesses inherit it."""
+    old = os.environ.get("DEEPFAKE_CACHE_DIR")
+    os.environ["DEEPFAKE_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache-root"))
+    yield
+    if old is None:
+        os.environ.pop("DEEPFAKE_CACHE_DIR", None)
+    else:
+        os.environ["DEEPFAKE_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def image_dirs(tmp_path: Path) -> Tuple[Path, Path]:
     """12 real + 12 fake 32x32 JPEGs in tmp_path/{real,fake}."""

@@ -2,8 +2,10 @@
 file server (``http.server`` on a thread). No mocks: s3fs, fsspec and botocore talk to them over TCP.
 
 The HTTP server serves a folder and answers, for testing failures: ``/forbidden/...`` with 403,
-``/truncated/NAME`` with the headers of ``NAME`` but only half its bytes before closing, and ``/stall/...``
-by waiting (bounded) without answering.
+``/truncated/NAME`` with the headers of ``NAME`` but only half its bytes before closing, ``/stall/...``
+by waiting (bounded) without answering, ``/flaky/NAME`` with a 500 to the first GET of each NAME and then
+``NAME`` itself, ``/error500/...`` with 500 always, ``/tars500/...`` with 500 to every GET of a ``.tar``, and ``/loop/...`` with a redirect to itself. Every
+request is logged (logger ``servers``, DEBUG: ``http "GET /path HTTP/1.1" 200 -``).
 """
 from __future__ import annotations
 
@@ -63,6 +65,27 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if self.path.startswith("/forbidden/"):
             self.send_error(403, "Forbidden")
             return True
+        if self.path.startswith("/error500/"):
+            self.send_error(500, "Internal Server Error")
+            return True
+        if self.path.startswith("/loop/"):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+        if self.path.startswith("/tars500/"):
+            if self.command == "GET" and self.path.endswith(".tar"):
+                self.send_error(500, "Internal Server Error")
+                return True
+            self.path = self.path.replace("/tars500/", "/", 1)
+        if self.path.startswith("/flaky/"):
+            failed = self.server.__dict__.setdefault("flaky_failed", set())
+            if self.command == "GET" and self.path not in failed:
+                failed.add(self.path)
+                self.send_error(500, "Internal Server Error")
+                return True
+            self.path = self.path.replace("/flaky/", "/", 1)
         if self.path.startswith("/stall/"):
             time.sleep(STALL_S)
             self.close_connection = True

@@ -186,7 +186,7 @@ def test_old_checkpoints_load_with_no_filter(tmp_path):
     ("model_kwargs", '{"widths": [4096, 4096, 4096, 4096], "groups": 1}', "more than MAX_PARAMS"),
     ("model_kwargs", "[1, 2]", "metadata model_kwargs='\\[1, 2\\]': must be a JSON object"),
     ("model_kwargs", '{"widths": ', "model_kwargs=.*not valid JSON \\(JSONDecodeError"),
-    ("model_kwargs", "[" * 100_000, "model_kwargs=.*not valid JSON \\(RecursionError"),
+    ("model_kwargs", "[" * 100_000, "model_kwargs=.*not valid JSON .*nested too deeply"),
     ("epoch", '"three"', "metadata epoch='\"three\"': must be null or an int"),
     ("epoch", "true", "epoch='true'"),
     ("mean", "[0.5]", "mean='\\[0.5\\]': must be a JSON list of 3 finite numbers"),

@@ -318,15 +318,16 @@ def test_spelling_of_an_input_path_does_not_change_the_bytes(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     outs = []
     for i, (real, fake) in enumerate([("faces/real", "faces/fake"), ("faces/real/", "./faces//fake/"),
-                                      ("./faces/real", "faces/./fake")]):
+                                      ("./faces/real", "faces/./fake"), (str(tmp_path / "faces/real"), "faces/fake")]):
         outs.append(pack_dirs(Path(real) if i == 0 else real, fake, tmp_path / f"o{i}", "--min-shards", "1"))
     files = [shard_files(o) for o in outs]
-    assert files[0] == files[1] == files[2] and files[0]
+    assert files[0] == files[1] == files[2] == files[3] and files[0]  # relative or absolute: the same bytes
+    real, fake = str(tmp_path / "faces" / "real"), str(tmp_path / "faces" / "fake")
     roots = {json.loads(s["json"])["root"] for s in read_back(outs[1], "train")}
-    assert roots <= {"faces/real", "faces/fake"}
+    assert roots <= {real, fake}
     inputs = [json.loads((o / "manifest.json").read_text())["inputs"] for o in outs]
-    assert inputs[0] == inputs[1] == inputs[2] == {"real": ["faces/real"], "fake": ["faces/fake"], "csv": None,
-                                                   "images_root": None}
+    assert inputs[0] == inputs[1] == inputs[2] == inputs[3] == {"real": [real], "fake": [fake], "csv": None,
+                                                                "images_root": None}
 
 
 def camera_files(folder: Path, rng) -> dict:

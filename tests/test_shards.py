@@ -119,11 +119,15 @@ def _rewrite_member(shard: Path, suffix: str, change) -> str:
     return target
 
 
-def _refresh_bytes(root: Path, shard: Path) -> None:
+def _refresh_bytes(root: Path, shard: Path, *, keep_sha: bool = False) -> None:
+    """The manifest's size of ``shard`` updated; its SHA-256 dropped unless ``keep_sha`` (the shard-level hash
+    would catch any change first: these tests are about the per-sample checks)."""
     m = _manifest(root)
     for e in m["splits"]["val"]["shards"]:
         if e["name"] == shard.name:
             e["bytes"] = shard.stat().st_size
+            if not keep_sha:
+                e.pop("sha256")
     _write_manifest(root, m)
 
 
@@ -135,13 +139,18 @@ def test_flipped_label_is_caught(packed_copy):
         _ids(packed_copy)
 
 
-def test_flipped_image_bytes_are_caught(packed_copy):
+def test_flipped_image_bytes_are_caught(packed_copy, packed):
     shard = packed_copy / "val-000000.tar"
     name = _rewrite_member(shard, ".jpg", lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:])
     _refresh_bytes(packed_copy, shard)
     with pytest.raises(DataError, match=rf"{name}: the image bytes do not match their SHA-256"):
         _ids(packed_copy)
-    with pytest.raises(DataError, match="val-000000.tar: SHA-256 .* differs from the manifest"):
+    m = _manifest(packed_copy)  # the manifest's SHA-256 of the shard back: caught before any sample is read
+    m["splits"]["val"]["shards"][0]["sha256"] = _manifest(packed)["splits"]["val"]["shards"][0]["sha256"]
+    _write_manifest(packed_copy, m)
+    with pytest.raises(DataError, match="val-000000.tar: its SHA-256 differs from the manifest"):
+        _ids(packed_copy)
+    with pytest.raises(DataError, match="val-000000.tar: its SHA-256 differs from the manifest"):
         verify_shards(resolve_shards(packed_copy, "val"), progress=False)
 
 

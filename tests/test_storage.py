@@ -51,14 +51,14 @@ def test_pack_to_s3_then_inspect_verify(s3_bucket, image_dirs, caplog):
     assert rc == 0
     names = storage.list_names(url)
     assert MANIFEST in names and any(n.endswith(".tar") for n in names) and any(n.endswith(".idx") for n in names)
-    assert not [n for n in names if n.startswith(".tmp-")]
+    assert not [n for n in names if n.startswith(".tmp-")] and ".deepfake-pack.lock" not in names
     manifest = storage.read_json(storage.join(url, MANIFEST))
     assert manifest["args"]["out"] == url and manifest["args"]["storage_options"] == ["attempts"]
     listed = {e["name"] for s in manifest["splits"].values() for e in s["shards"]}
     assert listed <= set(names)
     caplog.clear()
     assert inspect_main([url, "--verify"]) == 0
-    assert "verify: OK (24 samples)" in caplog.text
+    assert f"verify: OK (24 samples, downloaded from {url} just now" in caplog.text
 
 
 def test_corrupted_s3_object_is_named(s3_bucket, packed, caplog):
@@ -166,7 +166,7 @@ def test_http_reads_manifest_and_shard_and_verifies(http_root, packed, tmp_path,
     with storage.open_url(storage.join(url, entry["name"])) as f:
         assert f.read(512)[257:262] == b"ustar"  # a tar header
     caplog.set_level(logging.INFO)
-    assert inspect_main([url, "--verify"]) == 0 and "verify: OK (80 samples)" in caplog.text
+    assert inspect_main([url, "--verify"]) == 0 and "verify: OK (80 samples, downloaded from" in caplog.text
 
 
 def test_http_failures_are_one_line(http_root, packed, tmp_path):

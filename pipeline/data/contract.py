@@ -146,6 +146,8 @@ class LoaderSpec:
             raise ValueError(f"--fakes {self.fakes!r}: choose one of all, sbi-only")
         if self.num_workers < 0:
             raise ValueError(f"--workers {self.num_workers}: must be >= 0")
+        if self.cache_dir is not None and os.path.lexists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            raise ValueError(f"--cache-dir {self.cache_dir}: is a file, not a folder; give a folder for the downloaded shards")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError):

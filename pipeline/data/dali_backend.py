@@ -24,7 +24,6 @@ a run reads it) can still crash DALI. Each pass drops its pipeline when it ends,
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.data.contract import Batch, LoaderSpec, check_split_size, dali_uns
 from pipeline.data.sample_source import check_sample
 from pipeline.data.shards import DataError, ShardSet, default_cache_dir, localize
 from pipeline.data.tar_reader import TarFormatError, iter_members, iter_samples
+from shard_tools.fsutil import loads_json, sha256_matches
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _decodes(data: bytes) -> bool:
     return arr is not None and arr.size > 0
 
 
-def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> int:
+def check_shard(shard: str, index: str, expected: Optional[int], hint: str, sha256: Optional[str] = None) -> int:
     """Check ``shard`` and its ``index`` the way DALI will read them, before DALI opens them.
 
     DALI cannot be trusted with bad data: its CPU image decoder crashes the whole process (SIGSEGV in
@@ -128,9 +128,14 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> i
     every index line must match the tar's members, and every sample must be what the packer wrote
     (`pipeline.data.sample_source.check_sample`: members, label, the SHA-256 of original image
     bytes); an image that no SHA-256 vouches for (normalised, or a foreign shard without json) must
-    decode. DataError naming the shard and the sample otherwise. Returns the shard's sample count.
+    decode; and the shard's bytes must match the manifest's ``sha256`` (hashed once per version of the file,
+    `shard_tools.fsutil.sha256_matches`). DataError naming the shard and the sample otherwise. Returns the
+    shard's sample count.
     """
     try:
+        if sha256 is not None and not sha256_matches(shard, sha256):
+            raise DataError(f"shard {shard}: its SHA-256 differs from the manifest's: changed or replaced since "
+                            f"packing; {hint}")
         count = _check_index(shard, index, expected, hint)
         n = 0
         for sample in iter_samples(shard):
@@ -150,7 +155,7 @@ def check_shard(shard: str, index: str, expected: Optional[int], hint: str) -> i
 def _hash_checked(sample: dict) -> bool:
     """True when `check_sample` compared the image bytes with the SHA-256 in the sample's json."""
     try:
-        info = json.loads(sample["json"]) if "json" in sample else None
+        info = loads_json(sample["json"]) if "json" in sample else None
     except ValueError:
         return False
     return isinstance(info, dict) and isinstance(info.get("sha256"), str) and info.get("normalized") is None
@@ -162,9 +167,9 @@ def check_shards(shardset: ShardSet, threads: int = 1) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     sizes = shardset.shard_sizes or [None] * len(shardset.shards)
-    jobs = list(zip(shardset.shards, shardset.indexes, sizes))
+    jobs = list(zip(shardset.shards, shardset.indexes, sizes, shardset.shard_sha256 or [None] * len(sizes)))
     with ThreadPoolExecutor(max(1, min(threads, len(jobs)))) as pool:
-        return sum(pool.map(lambda job: check_shard(*job, shardset.hint()), jobs))
+        return sum(pool.map(lambda job: check_shard(*job[:3], shardset.hint(), job[3]), jobs))
 
 
 def parse_source_info(row: np.ndarray) -> tuple:

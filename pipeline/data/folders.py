@@ -12,7 +12,6 @@ Samples inside local tar shards can be scored through the same path (`shard_item
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from pipeline.data.tar_reader import iter_members
 from shard_tools.format import CLASS_NAMES, IMAGE_EXTS, is_remote
+from shard_tools.fsutil import loads_json
 from shard_tools.imageio import BadImage
 from shard_tools.inputs import Candidate, InputError, walk_folder
 
@@ -118,10 +118,8 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
     items = []
     for shard in shards:
         if is_remote(shard) or not Path(shard).is_file():
-            raise ValueError(
-                f"{shard}: reading shard images one by one (evaluate --robustness or --errors, the train grid) needs "
-                "local .tar files, not URLs"
-            )
+            raise ValueError(f"{shard}: reading shard images one by one (evaluate --robustness or --errors, the train "
+                             "grid) needs local .tar files, not URLs: copy the pack output to a local folder first")
         samples: Dict[str, dict] = {}
         with open(shard, "rb") as f:  # keys and extensions as the loaders read them (pipeline.data.tar_reader)
             for key, ext, offset, size in iter_members(shard):
@@ -130,18 +128,31 @@ def shard_items(shards: Sequence[str]) -> List[Item]:
                     s["image"] = (shard, offset, size)
                 elif ext in ("cls", "json"):
                     f.seek(offset)
-                    data = f.read(size)
-                    if ext == "cls":
-                        s["label"] = int(data.strip())
-                    else:
-                        meta = json.loads(data)
-                        s["source"] = meta.get("source", "")
-                        s["face"] = meta.get("face") if isinstance(meta.get("face"), dict) else None
+                    s[ext] = _small_member(f.read(size), ext, shard, key)
         for key, s in samples.items():
-            if "image" not in s or "label" not in s:
+            if "image" not in s or "cls" not in s:
                 raise ValueError(f"{shard}: sample {key} has no image or no .cls member")
-            items.append(Item(key, s["label"], Path(shard).name, s["image"], s.get("source", ""), face=s.get("face")))
+            source, face = s.get("json", ("", None))
+            items.append(Item(key, s["cls"], Path(shard).name, s["image"], source, face=face))
     return items
+
+
+def _small_member(data: bytes, ext: str, shard: str, key: str):
+    """The label of a ``cls`` member, or ``(source, face)`` of a ``json`` member (``face``: the face-stage
+    metadata, or None); ValueError naming the shard and sample for one the packer did not write."""
+    hint = "run `deepfake-inspect` on the pack output with --verify"
+    if ext == "cls":
+        if data.strip() not in (b"0", b"1"):
+            raise ValueError(f"{shard}: sample {key}.cls is {data[:20]!r}, not 0 or 1; {hint}")
+        return int(data.strip())
+    try:
+        meta = loads_json(data)
+    except ValueError as e:
+        raise ValueError(f"{shard}: sample {key}.json is not valid JSON ({e}); {hint}") from None
+    source = meta.get("source", "") if isinstance(meta, dict) else None
+    if not isinstance(source, str):
+        raise ValueError(f"{shard}: sample {key}.json has no text 'source' (not an object the packer writes); {hint}")
+    return source, meta.get("face") if isinstance(meta.get("face"), dict) else None
 
 
 def read_item(item: Item):

@@ -40,6 +40,7 @@ from torch.utils.data import get_worker_info
 
 from pipeline.augment import uint8_ops
 from pipeline.augment.config import DEFAULT_NORM, Norm
+from pipeline.data.shards import DataError
 
 # One slab per batch a worker has in flight (DataLoader's prefetch_factor, 2) plus one for the batch
 # the main process holds; more only helps consumers that keep batches, who get fresh ones instead.
@@ -103,8 +104,11 @@ class SlabPool:
         self.batch_shape, self.workers, self.per_worker = tuple(batch_shape), max(1, workers), per_worker
         # no worker processes (workers=0): plain memory, nothing to share
         alloc = new_shared_always if workers > 0 else (lambda shape, dtype: torch.empty(shape, dtype=dtype))
-        self.writer = SlabWriter(alloc((count, *batch_shape), torch.float32), alloc((count,), torch.uint8).zero_(),
-                                 per_worker, uint8_ops.normalize_table(norm))
+        try:
+            self.writer = SlabWriter(alloc((count, *batch_shape), torch.float32), alloc((count,), torch.uint8).zero_(),
+                                     per_worker, uint8_ops.normalize_table(norm))
+        except (RuntimeError, MemoryError) as e:
+            raise DataError(slab_error(e, count, batch_shape, shared=workers > 0)) from None
         self._arrays = self.writer.data.numpy()
         self._busy = self.writer.busy.numpy()
         self.fresh = 0  # batches that came as fresh shared memory because every slab was held
@@ -121,6 +125,17 @@ class SlabPool:
 
     def _release(self, index: int) -> None:
         self._busy[index] = FREE
+
+
+def slab_error(e: BaseException, count: int, batch_shape: Tuple[int, ...], *, shared: bool) -> str:
+    """One line for a failed allocation of the slabs: how much, why (from torch's message), what to change."""
+    text, nbytes = str(e), count * math.prod(batch_shape) * 4
+    size = f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    why = ("the file-size limit (ulimit -f) is below it (shared memory is a file in /dev/shm): raise the limit or "
+           if "File too large" in text else "/dev/shm is full or too small: " if "No space left" in text
+           else "not enough memory (or a memory limit: ulimit -v, a container's): ")
+    return (f"cannot allocate the loader's {count} {'shared-memory ' if shared else ''}batches of "
+            f"{'x'.join(map(str, batch_shape))} float32 ({size}): {why}lower --batch-size, --image-size or --workers")
 
 
 def new_shared_always(shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -14,21 +14,26 @@ What is checked, per sample, at a cost of a few microseconds (so a corrupt shard
 silently): members (``cls``, one image), ``cls`` is ASCII 0/1 and equals the label in the sample's
 ``json``, and for samples stored with their original bytes (``normalized`` null) the SHA-256 of the
 image bytes equals the ``json`` sha256 and its first 32 hex digits the key. Per piece: the shard
-holds exactly the samples the manifest says (neither fewer nor more). Every failure is a
-`DataError` naming the shard and the sample.
+holds exactly the samples the manifest says (neither fewer nor more). Per shard, so that a shard
+replaced by another of the same pack (same count, valid samples) never trains as duplicates: its
+bytes match the manifest's SHA-256 (a local or cached file once per version of the file,
+`shard_tools.fsutil.sha256_matches`; a stream as it is read to its end, which one piece of every
+shard does each epoch). A stream that fails on the way is read on where it stopped, up to the
+``attempts`` of ``--storage-options``. Every failure is a `DataError` naming the shard and the sample.
 """
 from __future__ import annotations
 
 import hashlib
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from pipeline.data.shards import DataError
+from pipeline.data.shards import DataError, cache_name
 from pipeline.data.tar_reader import TarFormatError, iter_samples, iter_stream_samples
 from shard_tools import storage
 from shard_tools.format import IMAGE_EXTS, is_remote
+from shard_tools.fsutil import loads_json, sha256_matches
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def check_sample(sample: dict, hint: str) -> Tuple[str, int]:
     meta = sample.get("json")
     if meta is not None:
         try:
-            info = json.loads(meta)
+            info = loads_json(meta)
         except ValueError:
             raise DataError(f"shard {url}: sample {key}.json is not valid JSON; {hint}") from None
         if isinstance(info, dict):
@@ -94,6 +99,18 @@ def _check_meta(info: dict, data: bytes, label: int, member: str, url: str, hint
                             f"({digest[:12]}... vs {sha[:12]}...): corrupt; {hint}")
 
 
+class _Hashed:
+    """A read-only file object that hashes every byte read through it (a shard streamed from its start)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        return data
+
+
 class SampleSource:
     """Reads pieces of shards (local, remote streamed, or remote through a verified local cache)."""
 
@@ -101,44 +118,61 @@ class SampleSource:
         self.hint, self.storage_options, self.cache_dir = hint, dict(storage_options or {}), cache_dir
 
     def local_path(self, piece: Piece) -> Optional[str]:
-        """The file to read ``piece`` from, or None to stream it from its URL."""
+        """The file to read ``piece`` from (its bytes checked against the manifest's SHA-256, once per version
+        of the file), or None to stream it from its URL."""
         if not is_remote(piece.url):
+            if piece.sha256 is not None and not sha256_matches(piece.url, piece.sha256):
+                raise DataError(f"shard {piece.url}: its SHA-256 differs from the manifest's: changed or replaced "
+                                f"since packing (another shard copied over it?); {self.hint}")
             return piece.url
         if self.cache_dir is None:
             return None
-        name = hashlib.sha256(piece.url.encode()).hexdigest()[:16] + "-" + Path(piece.url).name
         try:
             return str(storage.download_verified(piece.url, self.cache_dir, size=piece.nbytes, sha256=piece.sha256,
-                                                 name=name, storage_options=self.storage_options))
+                                                 name=cache_name(piece.url), storage_options=self.storage_options))
         except storage.StorageError as e:
             raise DataError(f"{e}; {self.hint}") from None
 
     def samples(self, piece: Piece) -> Iterator[dict]:
-        """The checked raw samples of ``piece``; DataError for a short, long, unreadable or corrupt shard."""
+        """The checked raw samples of ``piece``; DataError for a short, long, unreadable or corrupt shard. A
+        stream that fails on the way (`shard_tools.storage.TRANSIENT`) is opened again and read on from the
+        sample where it stopped, up to ``attempts`` times."""
         path = self.local_path(piece)
         last = piece.stop == piece.size  # read one past the end: a shard must not hold more than listed
-        index = piece.start
-        try:
-            if path is not None:
-                it = iter_samples(path, piece.start, None if last else piece.stop)
-            else:
-                it = self._stream(piece, last)
-            for sample in it:
-                if index >= piece.stop:
-                    raise DataError(f"shard {piece.url} holds more than the {piece.size} samples the manifest says: "
-                                    f"replaced or the manifest edited; {self.hint}")
-                check_sample(sample, self.hint)
-                yield sample
-                index += 1
-        except (TarFormatError, OSError) as exn:
-            where = "cannot open it" if isinstance(exn, OSError) else f"cannot read sample {index}"
-            raise DataError(f"shard {piece.url}: {where} ({exn}): missing, truncated or corrupt; {self.hint}") from None
-        except storage.StorageError as e:
-            raise DataError(f"{e}; {self.hint}") from None
+        index, retry = piece.start, 0
+        while True:
+            try:
+                for sample in (iter_samples(path, index, None if last else piece.stop) if path is not None
+                               else self._stream(piece, index, last)):
+                    if index >= piece.stop:
+                        raise DataError(f"shard {piece.url} holds more than the {piece.size} samples the manifest "
+                                        f"says: replaced or the manifest edited; {self.hint}")
+                    check_sample(sample, self.hint)
+                    yield sample
+                    index += 1
+                break
+            except (TarFormatError, OSError) as exn:
+                where = "cannot open it" if isinstance(exn, OSError) else f"cannot read sample {index}"
+                raise DataError(f"shard {piece.url}: {where} ({exn}): missing, truncated or corrupt; {self.hint}") from None
+            except storage.StorageError as e:
+                retry += 1
+                if e.kind not in storage.TRANSIENT or retry >= storage.attempts_of(self.storage_options):
+                    tries = f" (tried {retry} times)" if retry > 1 else ""
+                    raise DataError(f"{e}{tries}; {self.hint}") from None
+                time.sleep(storage.backoff_s(retry - 1))
         if index < piece.stop:
             raise DataError(f"shard {piece.url} ends after {index} samples but should hold {piece.size}: "
                             f"truncated or replaced; {self.hint}")
 
-    def _stream(self, piece: Piece, last: bool) -> Iterator[dict]:
+    def _stream(self, piece: Piece, start: int, last: bool) -> Iterator[dict]:
+        """Samples from ``start`` of a streamed shard; one read to the end (``last``) also hashes every byte
+        against the manifest's SHA-256, at no extra transfer."""
         with storage.open_url(piece.url, storage_options=self.storage_options) as f:
-            yield from iter_stream_samples(f, piece.url, piece.start, None if last else piece.stop)
+            hashed = _Hashed(f) if last and piece.sha256 else None
+            yield from iter_stream_samples(hashed or f, piece.url, start, None if last else piece.stop)
+            if hashed is not None:
+                while hashed.read(1 << 20):  # the tar's end blocks and padding
+                    pass
+                if hashed.sha.hexdigest() != piece.sha256:
+                    raise DataError(f"shard {piece.url}: its SHA-256 differs from the manifest's: changed or replaced "
+                                    f"since packing (another shard copied over it?); {self.hint}")

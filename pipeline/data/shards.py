@@ -29,7 +29,7 @@ from tqdm import tqdm
 from pipeline.data.tar_reader import TarFormatError, count_samples
 from shard_tools import storage
 from shard_tools.format import MANIFEST, is_remote
-from shard_tools.fsutil import sha256_stream
+from shard_tools.fsutil import cache_root, loads_json, sha256_matches, sha256_stream
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ class ShardSet:
     def remote(self) -> bool:
         return any(is_remote(s) for s in self.shards)
 
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """What the split is, as its manifest lists it: SHA-256 over each shard's name, sample count, bytes and
+        SHA-256 (the same for a byte-identical re-pack, different for any other); None without a manifest."""
+        if self.shard_sha256 is None or any(v is None for v in self.shard_sha256):
+            return None
+        listed = [[Path(s).name, n, b, h] for s, n, b, h in zip(self.shards, self.shard_sizes or [], self.shard_bytes or [],
+                                                                 self.shard_sha256)]
+        return hashlib.sha256(json.dumps(listed, separators=(",", ":")).encode()).hexdigest()
+
     def hint(self) -> str:
         return VERIFY_HINT.format(root=self.root or (Path(self.shards[0]).parent if self.shards else "OUT"))
 
@@ -94,7 +104,7 @@ def _check_shard_entry(path: str, split: str, i: int, entry: Any) -> None:
     _field(where, isinstance(entry, dict), "expected an object")
     name = entry.get("name")
     _field(f"{where}.name", isinstance(name, str) and name.endswith(".tar"), f"expected a .tar file name, got {name!r}")
-    _field(f"{where}.name", "/" not in name and "\\" not in name and not name.startswith("."),
+    _field(f"{where}.name", "/" not in name and "\\" not in name and "\0" not in name and not name.startswith("."),
            f"{name!r} is not a plain file name inside the pack output")
     _field(f"{where}.num_samples", _nonneg_int(entry.get("num_samples")),
            f"expected a whole number >= 0, got {entry.get('num_samples')!r}")
@@ -106,7 +116,8 @@ def _check_shard_entry(path: str, split: str, i: int, entry: Any) -> None:
                "expected 64 lower-case hex digits")
     index = entry.get("index")
     if index is not None:
-        _field(f"{where}.index", isinstance(index, str) and "/" not in index and not index.startswith("."),
+        _field(f"{where}.index", isinstance(index, str) and "/" not in index and "\0" not in index
+               and not index.startswith("."),
                f"{index!r} is not a plain file name inside the pack output")
 
 
@@ -162,7 +173,7 @@ def load_manifest(root: Union[str, Path], storage_options: Optional[dict] = None
                         f"manifest); re-run `deepfake-pack --out {root}` to rebuild it")
     _regular_file(str(path), "manifest", VERIFY_HINT.format(root=root))
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = loads_json(path.read_bytes())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the manifest ({e}); " + VERIFY_HINT.format(root=root)) from None
     return check_manifest(manifest, str(path))
@@ -250,32 +261,46 @@ def _face_settings(manifest: dict, where: str) -> Optional[Dict[str, Any]]:
     return settings
 
 
-def verify_shards(shardset: ShardSet, *, progress: bool = True) -> None:
-    """Hash every shard of ``shardset`` against its manifest SHA-256 (`--verify-data`): full bytes,
-    so it reads the whole split once; DataError naming the first shard that differs."""
+def cache_name(url: str) -> str:
+    """The file name a remote shard has in a torch-backend ``--cache-dir`` (unique per URL)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(url).name
+
+
+def verify_shards(shardset: ShardSet, *, cache_dir: Optional[str] = None, progress: bool = True) -> None:
+    """Hash every shard of ``shardset`` against its manifest SHA-256 (`--verify-data`): local shards and the
+    copies in ``cache_dir`` are read and hashed again whatever was recorded (a cached copy that differs is
+    downloaded again); remote shards without a cache are hashed as they stream. DataError naming the first
+    shard that differs."""
     if shardset.shard_sha256 is None:
         raise DataError(f"--verify-data needs a pack output with a manifest (SHA-256 per shard), not {shardset.shards[0]}")
-    for shard, want in tqdm(list(zip(shardset.shards, shardset.shard_sha256)), desc=f"verify {shardset.split}",
-                            unit="shard", disable=not progress):
+    sizes = shardset.shard_bytes or [None] * len(shardset.shards)
+    for shard, want, nbytes in tqdm(list(zip(shardset.shards, shardset.shard_sha256, sizes)),
+                                    desc=f"verify {shardset.split}", unit="shard", disable=not progress):
         if want is None:
             continue
         try:
-            with storage.open_url(shard, storage_options=shardset.storage_options) as f:
-                digest = sha256_stream(f)
+            if not is_remote(shard):
+                ok = sha256_matches(shard, want, rehash=True)
+            elif cache_dir is not None:
+                storage.download_verified(shard, cache_dir, size=nbytes, sha256=want, name=cache_name(shard),
+                                          storage_options=shardset.storage_options, rehash=True)
+                ok = True
+            else:
+                with storage.open_url(shard, storage_options=shardset.storage_options) as f:
+                    ok = sha256_stream(f) == want
         except storage.StorageError as e:
-            raise DataError(str(e)) from None
-        if digest != want:
-            raise DataError(f"shard {shard}: SHA-256 {digest[:16]}... differs from the manifest's "
-                            f"{want[:16]}...: corrupt or replaced; {shardset.hint()}")
+            raise DataError(f"{e}; {shardset.hint()}") from None
+        except OSError as e:
+            raise DataError(f"shard {shard}: cannot read it ({e.strerror or e}); {shardset.hint()}") from None
+        if not ok:
+            raise DataError(f"shard {shard}: its SHA-256 differs from the manifest's {want[:16]}...: corrupt or "
+                            f"replaced; {shardset.hint()}")
 
 
 def default_cache_dir() -> str:
-    """Where remote shards are cached when no ``--cache-dir`` is given: ``$DEEPFAKE_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/deepfake-pipeline`` (``~/.cache/deepfake-pipeline``)."""
-    if os.environ.get("DEEPFAKE_CACHE_DIR"):
-        return os.environ["DEEPFAKE_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "deepfake-pipeline")
+    """Where remote shards are cached when no ``--cache-dir`` is given (`shard_tools.fsutil.cache_root`):
+    ``$DEEPFAKE_CACHE_DIR``, else ``$XDG_CACHE_HOME/deepfake-pipeline`` (``~/.cache/deepfake-pipeline``)."""
+    return str(cache_root())
 
 
 def localize(shardset: ShardSet, cache_dir: str, *, workers: int = 8, progress: bool = True) -> ShardSet:

@@ -115,7 +115,6 @@ class _ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         # set by the main process before each epoch; persistent workers read it when the epoch starts
         self.epoch_box = torch.zeros(1, dtype=torch.int64).share_memory_()
-
         self._epoch: Optional[int] = None  # the epoch being read, in the process reading it
 
     @property
@@ -277,8 +276,9 @@ class TorchLoader:
             return self.split_samples
         if spec.fakes != "sbi-only":
             return self.plan.min_rank_samples(self.world_size) * self.world_size
-        if "real" not in shardset.class_counts:
-            raise DataError(f"{spec.data}: --fakes sbi-only needs the per-class counts of a pack output's manifest")
+        if not shardset.class_counts.get("real"):  # it trains on the reals alone
+            raise DataError(f"{spec.data}: --fakes sbi-only trains on the real images of the {spec.split!r} split; it "
+                            f"{'has none' if 'real' in shardset.class_counts else 'lists no per-class counts'}")
         return int(shardset.class_counts["real"] * 0.97)
 
     @property

@@ -9,12 +9,17 @@
 * ``tiles``: the mean logit of a grid of ``image_size`` crops covering the whole image (even offsets,
   the last row and column of tiles flush with the far edges).
 
+``full`` and ``tiles`` look at most at the centre `FULL_MAX_SIDE` x `FULL_MAX_SIDE` pixels of an image (at
+native resolution, even offsets): a 6000 x 6000 photo would otherwise take tens of seconds per pass, and
+the robustness sweep makes 16 passes. `score_items` says how many images were bounded.
+
 The default comes from the checkpoint: ``resize`` for resize-trained models, ``full`` for
 crop-trained ones (they learnt native-resolution pixels; a large photo's centre crop would show a
 patch of skin at a scale they never saw).
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,7 +33,9 @@ from pipeline.augment.crop import crop
 from pipeline.data.folders import Item, bad_image_reason, read_item
 from shard_tools.imageio import BadImage, load_rgb
 
+logger = logging.getLogger(__name__)
 SCORING = ("resize", "center", "full", "tiles")
+FULL_MAX_SIDE = 2048  # px per side that full/tiles scoring reads of an image (its centre)
 Degrade = Callable[[np.ndarray], np.ndarray]
 
 
@@ -46,10 +53,20 @@ def tile_offsets(length: int, size: int) -> List[int]:
     return sorted({(last * i // (n - 1)) // 2 * 2 for i in range(n)})
 
 
+def bounded(image: np.ndarray, side: int = FULL_MAX_SIDE) -> np.ndarray:
+    """The centre of ``image``, at most ``side`` px per side (even offsets, native resolution)."""
+    h, w = image.shape[:2]
+    y, x = max(0, (h - side) // 4 * 2), max(0, (w - side) // 4 * 2)
+    return image[y:y + min(h, side), x:x + min(w, side)]
+
+
 def views(image: np.ndarray, mode: str, size: int) -> List[torch.Tensor]:
-    """The uint8 CHW input(s) that ``mode`` makes of one uint8 HWC image."""
+    """The uint8 CHW input(s) that ``mode`` makes of one uint8 HWC image (``full``/``tiles``: of its `bounded`
+    centre)."""
     if mode not in SCORING:
         raise ValueError(f"--scoring {mode!r}: choose one of {', '.join(SCORING)}")
+    if mode in ("full", "tiles"):
+        image = bounded(image, max(FULL_MAX_SIDE, size))
     chw = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"])).permute(2, 0, 1).contiguous()  # noqa: E731
     if mode == "resize":
         return [resize_uint8(chw(image), size).contiguous()]
@@ -85,7 +102,8 @@ class ModeItems(Dataset):
             return i, None, bad_image_reason(e)
         except Exception as e:  # anything else a decoder throws is still this file's problem, not fatal
             return i, None, f"corrupt: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        return i, views(image, self.mode, self.size), None
+        big = self.mode in ("full", "tiles") and max(image.shape[:2]) > max(FULL_MAX_SIDE, self.size)
+        return i, views(image, self.mode, self.size), "bounded" if big else None
 
 
 def _collate(samples):
@@ -122,10 +140,16 @@ def score_items(model: torch.nn.Module, items: Sequence[Item], *, image_size: in
     per_batch = batch_size if mode in ("resize", "center") else max(1, min(batch_size, 8))
     loader = DataLoader(ModeItems(items, image_size, mode, degrade), batch_size=per_batch, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate)
+    n_bounded = 0
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2, leave=False):
         ok = [(i, v) for i, v, _ in batch if v is not None]
         errors.update({i: err for i, v, err in batch if v is None})
+        n_bounded += sum(v is not None and note == "bounded" for _, v, note in batch)
         if ok:
             logits = _logits(model, [v for _, v in ok], device, norm)
             scores[[i for i, _ in ok]] = 1.0 / (1.0 + np.exp(-np.asarray(logits)))
+    if n_bounded:
+        logger.warning("%s: %d image(s) larger than %d px on a side were scored on their centre %d px (--scoring %s "
+                       "reads at most that much of an image, at native resolution)", desc, n_bounded,
+                       max(FULL_MAX_SIDE, image_size), max(FULL_MAX_SIDE, image_size), mode)
     return scores, errors

@@ -134,6 +134,19 @@ def check_apart(flag: str, out: PathLike, inputs: Sequence[Tuple[str, PathLike]]
                               "input (and be read as input next time); write them elsewhere")
 
 
+def out_of_memory(e: BaseException, image_size: int, batch_size: int) -> Optional[str]:
+    """One line for an allocation that failed (torch's allocators, CUDA out of memory, MemoryError), naming
+    the sizes that set it and what to lower; None for any other error."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    m = re.search(r"allocate ([0-9]+) bytes", text)
+    asked = f" ({int(m.group(1)) / 2**20:.0f} MiB at once)" if m else ""
+    where = "GPU" if "CUDA" in text or "cuda" in text else "memory"
+    return (f"out of {where}{asked} at --image-size {image_size} with --batch-size {batch_size}: lower --batch-size "
+            "or --image-size (or raise the memory limit)")
+
+
 def _reason(e: BaseException, path: Path) -> str:
     """Why a write failed, in words; also for torch/safetensors errors that name no errno."""
     code = getattr(e, "errno", None)

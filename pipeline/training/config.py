@@ -12,7 +12,7 @@ from pipeline.augment.config import DEFAULT_NORM, PREPROCESS, PRESETS, AugConfig
 from pipeline.data.contract import BACKEND_CHOICES, DECODE_CHOICES, check_image_size
 from pipeline.data.shards import is_pattern
 from pipeline.training.sources import check_sources, parse_data
-from shard_tools.storage import parse_storage_options
+from shard_tools.storage import option_names, parse_storage_options, redacted
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -191,4 +191,9 @@ class TrainConfig:
         return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as config.json and the checkpoints record them: ``storage_options`` by key names only
+        and URLs without a password (credential values are never written anywhere)."""
+        d = dataclasses.asdict(self)
+        d["storage_options"] = option_names(self.storage_options)
+        d["data"], d["val_data"] = redacted(self.data), redacted(self.val_data)
+        return d

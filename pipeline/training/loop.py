@@ -15,7 +15,7 @@ from pipeline.checkpoint import BEST, LAST, CheckpointError, save_checkpoint
 from pipeline.data.shards import DataError
 from pipeline.scoring.explain import ExplainError
 from pipeline.scoring.metrics import HEADLINE, format_metrics, plot_history, tb_tag, to_jsonable
-from pipeline.scoring.outputs import OutputError, shown, writing
+from pipeline.scoring.outputs import OutputError, out_of_memory, shown, writing
 from pipeline.training.epoch import train_epoch, validate
 from pipeline.training.optim import build_optimizer, build_scheduler
 from pipeline.training.rundir import (
@@ -48,10 +48,10 @@ def run(cfg, *, on_step=None) -> int:
     if not main_proc:
         logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save/load lines
-    setup = None
+    setup = Setup()
     try:
         try:
-            setup = Setup(cfg, accelerator)
+            setup.build(cfg, accelerator)
         except (ValueError, DataError, CheckpointError, OutputError) as e:
             if main_proc:
                 logger.error("error: %s", shown(e))
@@ -62,13 +62,15 @@ def run(cfg, *, on_step=None) -> int:
             if main_proc:
                 logger.error("error: %s", shown(e))
             return 2
-        except (DataError, OutputError) as e:  # met by this rank alone: it says so, whichever rank it is
+        except (DataError, OutputError, RuntimeError, MemoryError) as e:  # met by this rank alone: it says so
+            line = shown(e) if isinstance(e, (DataError, OutputError)) else out_of_memory(e, cfg.image_size, cfg.batch_size)
+            if line is None:
+                raise
             where = f"rank {accelerator.process_index}: " if accelerator.num_processes > 1 else ""
-            logger.error("error: %s%s", where, shown(e))
+            logger.error("error: %s%s", where, line)
             return 2
     finally:
-        if setup is not None:
-            setup.close()
+        setup.close()
         accelerator.end_training()
 
 
@@ -101,7 +103,7 @@ def _train(cfg, accelerator, setup: Setup, on_step=None) -> int:
     model, optimizer, scheduler, progress = _prepare(cfg, accelerator, setup)
     if main_proc:
         with writing(out / "config.json"):
-            atomic_write_json(out / "config.json", cfg.to_dict())
+            atomic_write_json(out / "config.json", {**cfg.to_dict(), "pack": setup.pack})
     accelerator.wait_for_everyone()
     if progress.epoch >= cfg.epochs and (out / "summary.json").exists():
         logger.info("%s already finished all %d epochs; nothing to do", out, cfg.epochs)

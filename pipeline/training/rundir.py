@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from pipeline.scoring.metrics import HEADLINE, to_jsonable
 from pipeline.scoring.outputs import OutputError, check_apart, check_output_dir, shown, writing
-from shard_tools.fsutil import atomic_write_json, atomic_write_text, file_mode
+from shard_tools.fsutil import atomic_write_json, atomic_write_text, file_mode, loads_json
+from shard_tools.inputs import InputError
+from shard_tools.outdir import OutputLock
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,8 @@ METRIC_COLUMNS = ("epoch", "train_loss", "val_loss", *(f"val_{k}" for k in HEADL
                   "img_s", "data_wait_s", "compute_s", "lr")
 
 STATE_DIR = "state"
+
+RUN_LOCK = ".deepfake-train.lock"
 
 PROGRESS = "progress.json"
 
@@ -35,9 +39,9 @@ class RunError(ValueError):
 
 def comparable(config: Mapping[str, Any]) -> Dict[str, Any]:
     """The settings a resumed run must share with the saved one: all but ``resume``, ``out`` (the same
-    folder by definition) and ``explain_val`` (what TensorBoard shows, not how the model trains), with a
+    folder by definition) ``explain_val`` (what TensorBoard shows, not how the model trains), and ``pack`` (`check_pack`), with a
     local ``data`` path compared by its resolved path."""
-    out = {k: v for k, v in config.items() if k not in ("resume", "out", "explain_val")}
+    out = {k: v for k, v in config.items() if k not in ("resume", "out", "explain_val", "pack")}
     resolve = lambda d: str(Path(d).resolve()) if isinstance(d, str) and Path(d).exists() else d  # noqa: E731
     data = out.get("data")
     out["data"] = [resolve(d) for d in data] if isinstance(data, (list, tuple)) else resolve(data)
@@ -71,7 +75,7 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool,
         raise RunError(f"--out {shown(out)}: not valid UTF-8 (TensorBoard cannot write there); choose another --out") from None
     check_apart("--out", out, _inputs(config))
     if not cfg_path.exists():
-        if out.exists() and any(out.iterdir()) and not resume:
+        if out.exists() and any(p.name != RUN_LOCK for p in out.iterdir()) and not resume:
             raise RunError(f"--out {out}: folder exists and is not empty (no config.json); choose another --out")
         return
     if not resume:
@@ -79,7 +83,7 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool,
         what = "a finished run" if finished else "an unfinished run (pass --resume to continue it)"
         raise RunError(f"--out {out}: already holds {what}; choose another --out")
     try:
-        saved = json.loads(cfg_path.read_text())
+        saved = loads_json(cfg_path.read_text())
     except (OSError, ValueError) as e:
         raise RunError(f"{cfg_path}: cannot read it ({e}); cannot --resume this run") from None
     now, before = comparable(json.loads(json.dumps(config))), comparable(saved)
@@ -89,6 +93,48 @@ def check_run_dir(out: Path, config: Mapping[str, Any], *, resume: bool,
              and not (k not in before and k in known and now.get(k) == known[k])]
     if diffs:
         raise RunError(f"--resume: {cfg_path} was written with other settings: {'; '.join(diffs)}")
+
+
+def lock_run_dir(out: Path, accelerator) -> Optional[OutputLock]:
+    """The main process takes an exclusive lock on the run folder (``RUN/.deepfake-train.lock``, an flock held
+    until the run ends, as deepfake-pack locks its output), so two runs never write one folder; when another
+    run holds it, every rank raises the same RunError. Returns the held lock (main process) or None."""
+    lock, error = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = OutputLock(out, name=RUN_LOCK, tool="deepfake-train").__enter__()
+        except (InputError, OSError) as e:
+            error = f"{shown(e)}; wait for it to finish, or choose another --out"
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [error]
+        broadcast_object_list(box)
+        error = box[0]
+    if error:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise RunError(error)
+    return lock
+
+
+def check_pack(out: Path, pack: Mapping[str, Optional[str]], *, resume: bool) -> None:
+    """A resumed run reads the pack it started on: RunError naming both fingerprints (`ShardSet.fingerprint`)
+    when the run's config.json recorded another one for a split."""
+    cfg_path = out / "config.json"
+    if not resume or not cfg_path.exists():
+        return
+    saved = loads_json(cfg_path.read_text()).get("pack")
+    if not isinstance(saved, dict):
+        logger.warning("warning: %s records no pack fingerprint (written by an older version): --resume cannot "
+                       "check that the data is the pack the run started on", cfg_path)
+        return
+    for split in ("train", "val"):
+        before, now = saved.get(split), pack.get(split)
+        if before != now:
+            raise RunError(f"--resume: {out} began on a {split} split with fingerprint {str(before)[:16]}, the data "
+                           f"now gives {str(now)[:16]}: the pack changed (re-packed, or another --data); resuming would "
+                           "mix the two packs' samples: start a new run with another --out, or give the pack it began on")
 
 
 def latest_state(out: Path) -> Optional[Path]:

@@ -16,7 +16,7 @@ from pipeline.data.loader import build_loader
 from pipeline.data.shards import verify_shards
 from pipeline.scoring.errors import ValGrid
 from pipeline.training.optim import freeze_bn_params
-from pipeline.training.rundir import RunError, check_run_dir
+from pipeline.training.rundir import RunError, check_pack, check_run_dir, lock_run_dir
 from pipeline.training.sources import source_names
 from shard_tools.storage import parse_storage_options
 
@@ -47,13 +47,19 @@ def build_model(cfg) -> Tuple[nn.Module, Optional[Tuple[str, ...]]]:
 
 
 class Setup:
-    """Everything built before the first epoch (per process)."""
+    """Everything built before the first epoch (per process); `close` releases what `build` got so far."""
 
-    def __init__(self, cfg, accelerator) -> None:
-        world = accelerator.num_processes
+    def __init__(self) -> None:
+        self.lock = self.train_loader = None
+        self.val_loaders: Dict[str, Any] = {}
+
+    def build(self, cfg, accelerator) -> None:
+        world, out = accelerator.num_processes, Path(cfg.out)
         defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
         # Every rank checks before the main process writes anything, so all agree on the outcome.
-        check_run_dir(Path(cfg.out), cfg.to_dict(), resume=cfg.resume, defaults=defaults)
+        check_run_dir(out, cfg.to_dict(), resume=cfg.resume, defaults=defaults)
+        self.lock = lock_run_dir(out, accelerator)
+        check_run_dir(out, cfg.to_dict(), resume=cfg.resume, defaults=defaults)  # again: no other run writes now
         self.norm = cfg.norm()
         self.model, self.head = build_model(cfg)
         spec = LoaderSpec(cfg.data, "train", train=True, backend=cfg.backend, device=accelerator.device,
@@ -67,10 +73,13 @@ class Setup:
         self.val_loaders = {name: build_loader(spec.replace(data=data, split="val", train=False, fakes="all",
                                                             aug=spec.aug.for_eval(), weights=None))
                             for name, data in zip(self.names, val_sources)}
+        self.pack = {"train": _fingerprint(self.train_loader),
+                     "val": "+".join(_fingerprint(v) for v in self.val_loaders.values())}
+        check_pack(out, self.pack, resume=cfg.resume)
         if cfg.verify_data:
             for loader in (self.train_loader, *self.val_loaders.values()):
                 for shardset in getattr(loader, "shardsets", [loader.shardset]):
-                    verify_shards(shardset, progress=accelerator.is_main_process)
+                    verify_shards(shardset, cache_dir=cfg.cache_dir, progress=accelerator.is_main_process)
         self.backend = spec.backend
         steps = len(self.train_loader)
         if cfg.max_steps:
@@ -110,8 +119,16 @@ class Setup:
         return rows
 
     def close(self) -> None:
-        """Release the loaders' pipelines (DALI) now rather than at interpreter exit."""
+        """Release the loaders' pipelines (DALI) now rather than at interpreter exit, then the run folder."""
         for loader in (self.train_loader, *self.val_loaders.values()):
             close = getattr(loader, "close", None)
             if close is not None:
                 close()
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
+
+
+def _fingerprint(loader) -> str:
+    """The pack identity of a loader's data (`ShardSet.fingerprint`; several sources joined by '+')."""
+    return "+".join(str(s.fingerprint) for s in getattr(loader, "shardsets", [loader.shardset]))
