@@ -1,13 +1,17 @@
 """deepfake-pack and deepfake-inspect on a URL (``s3://bucket/prefix``, ``https://...``, any fsspec URL).
 
-pack: the output is built in a local temp folder exactly as a local pack (``$TMPDIR``, needs room for the whole
-output), then uploaded through :mod:`shard_tools.storage`: shards and ``.idx`` files in parallel, ``manifest.json``
-last. A prefix that already holds a manifest is refused without ``--overwrite``; with it the old manifest is
-deleted first (the prefix reads as incomplete from then on) and old shard/index names that the new pack does
-not rewrite are deleted; nothing else under the prefix is touched.
+pack: under the prefix's lock (`shard_tools.remote_lock.RemoteLock`: one pack per prefix, taken with an S3
+conditional write), the output is built in a local temp folder exactly as a local pack (``$TMPDIR``, needs
+room for the whole output; `fsutil.owned_tempdir`, so a killed pack's folder is removed by the next one),
+then uploaded through :mod:`shard_tools.storage`: shards and ``.idx`` files in parallel, ``manifest.json``
+last, and only while the lock is still this pack's. A prefix that already holds a manifest is refused without
+``--overwrite``, and always when the manifest is not this tool's; with it the old manifest is deleted first
+(the prefix reads as incomplete from then on) and old shard/index names that the new pack does not rewrite
+are deleted; nothing else under the prefix is touched.
 
-inspect: the manifest is read from the URL; ``--verify``/``--grid`` download the listed shards and indexes
-into a temp folder and check them as a local folder, with problems named by their URL.
+inspect: the manifest is read from the URL and validated (`_shard_names`) before any other URL is built from
+it; ``--verify``/``--grid`` then download the listed shards and indexes into a temp folder and check them as
+a local folder, with problems named by their URL.
 """
 from __future__ import annotations
 

@@ -239,6 +239,19 @@ def test_shard_truncated_after_build_named(packed_copy):
         run(loader)
 
 
+def _drop_sha(data, name: str) -> None:
+    """Leave the shard's SHA-256 out of the manifest: the shard-level hash would catch any change before the
+    per-sample checks these tests are about (tests/test_resume_edges.py tests it)."""
+    import json
+
+    m = json.loads((data / "manifest.json").read_text())
+    for info in m["splits"].values():
+        for e in info["shards"]:
+            if e["name"] == name:
+                e.pop("sha256")
+    (data / "manifest.json").write_text(json.dumps(m))
+
+
 def test_undecodable_sample_refused_before_dali_reads_it(packed_copy):
     """DALI's CPU decoder crashes the process (SIGSEGV) on a bad sample in a large batch: the loader
     checks every sample when it is built, so DALI never sees one."""
@@ -248,6 +261,9 @@ def test_undecodable_sample_refused_before_dali_reads_it(packed_copy):
     start = raw.index(b"\xff\xd8\xff")  # first JPEG in the shard: keep its size, wreck its contents
     raw[start + 2:start + 600] = bytes(598)
     tar.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"val-000000\.tar: its SHA-256 differs from the manifest's.*--verify"):
+        load(data, "val", batch_size=64)
+    _drop_sha(data, "val-000000.tar")
     with pytest.raises(DataError, match=r"val-000000\.tar: [0-9a-f]{32}\.jpg: the image bytes do not match.*--verify"):
         load(data, "val", batch_size=64)
 
@@ -275,6 +291,7 @@ def test_unverifiable_image_must_decode(packed_copy, monkeypatch):
     start = raw.index(b"\xff\xd8\xff")
     raw[start:start + 600] = bytes(600)
     tar.write_bytes(bytes(raw))
+    _drop_sha(data, "val-000001.tar")
     monkeypatch.setattr("pipeline.data.dali_backend.check_sample", lambda sample, hint: ("jpg", 0))
     with pytest.raises(DataError, match=r"val-000001\.tar: sample [0-9a-f]{32}\.jpg does not decode"):
         load(data, "val")

@@ -143,6 +143,11 @@ def test_cache_poisoned_shard_detected(packed, s3_bucket, tmp_path, caplog):
     again = _epoch_ids(url, cache_dir=str(cache))
     assert sorted(again) == sorted(first)  # no duplicates: the poisoned copy was replaced
     assert "does not match the manifest's SHA-256" in caplog.text and b.read_bytes() == (packed / "train-000001.tar").read_bytes()
+    from shard_tools.inspect import main as inspect_main
+
+    caplog.set_level(logging.INFO)
+    assert inspect_main([url, "--verify"]) == 0  # its OK is about what it downloaded, not about a cache
+    assert "a --cache-dir of train or evaluate was not read" in caplog.text
     shutil.copyfile(a, b)
     want = json.loads((packed / MANIFEST).read_text())["splits"]["train"]["shards"][1]["sha256"]
     fsutil.remember_sha256(b, want)  # the record now lies about the file

@@ -1,4 +1,4 @@
-"""shard_tools/storage.py and pack/inspect on URLs, against real servers on 127.0.0.1 (tests/servers.py):
+"""shard_tools/storage/ and pack/inspect on URLs, against real servers on 127.0.0.1 (tests/servers.py):
 moto's S3 server (through s3fs/botocore) and an http.server (through fsspec's HTTP filesystem)."""
 from __future__ import annotations
 

@@ -137,11 +137,11 @@ class SampleSource:
         """The checked raw samples of ``piece``; DataError for a short, long, unreadable or corrupt shard. A
         stream that fails on the way (`shard_tools.storage.TRANSIENT`) is opened again and read on from the
         sample where it stopped, up to ``attempts`` times."""
-        path = self.local_path(piece)
         last = piece.stop == piece.size  # read one past the end: a shard must not hold more than listed
         index, retry = piece.start, 0
         while True:
             try:
+                path = self.local_path(piece) if retry == 0 else path
                 for sample in (iter_samples(path, index, None if last else piece.stop) if path is not None
                                else self._stream(piece, index, last)):
                     if index >= piece.stop:
