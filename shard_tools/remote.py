@@ -2,7 +2,9 @@
 
 pack: the output is built in a local temp folder exactly as a local pack (``$TMPDIR``, needs room for the whole
 output), then uploaded through :mod:`shard_tools.storage`: shards and ``.idx`` files in parallel, ``manifest.json``
-last. A prefix that already holds a manifest is refused without ``--overwrite``; with it the old manifest is
+last. With ``--ray`` the old manifest is deleted before the first shard is written, each Ray task uploads the
+shards it writes itself (and the face crops wait under ``URL/.deepfake-pack-staging/``), and the driver
+uploads only the manifest, last. A prefix that already holds a manifest is refused without ``--overwrite``; with it the old manifest is
 deleted first (the prefix reads as incomplete from then on) and old shard/index names that the new pack does
 not rewrite are deleted; nothing else under the prefix is touched.
 
@@ -63,13 +65,15 @@ def pack_to_url(args: argparse.Namespace, run_local: Callable[[argparse.Namespac
         raise InputError(f"--out {url} already holds a complete pack output ({MANIFEST}); pass --overwrite to replace it")
     with tempfile.TemporaryDirectory(prefix="deepfake-pack-") as tmp:
         local = Path(tmp, "out")
-        rc = run_local(argparse.Namespace(**{**vars(args), "out": str(local), "storage_options": None}))
+        direct = {"_remote": (url, opts)} if getattr(args, "ray", None) else {}  # Ray tasks upload the shards
+        rc = run_local(argparse.Namespace(**{**vars(args), "out": str(local), "storage_options": None, **direct}))
         if rc != 0:
             return rc
         _record_url(local / MANIFEST, url, opts)
         files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith(fsutil.TMP_PREFIX))
+        written = set(_shard_names(json.loads((local / MANIFEST).read_text())))
         stale = [n for n in list_names(url, storage_options=opts)
-                 if n == MANIFEST or (_PACK_NAME.match(n) and n not in files)]
+                 if n == MANIFEST or (_PACK_NAME.match(n) and n not in written)]
         if stale:
             logger.info("%s: removing the old %s and %d old shard/index objects", url,
                         MANIFEST if MANIFEST in stale else "(no manifest)", len(stale) - (MANIFEST in stale))

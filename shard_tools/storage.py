@@ -259,6 +259,20 @@ def _put(fs, local: Path, remote: str, url: str) -> None:
             raise
 
 
+def upload_file(local: PathLike, url: PathLike, *, storage_options: Optional[dict] = None) -> None:
+    """Upload one local file to ``url`` (whole or not at all, as ``upload_folder``); no progress bar (task-safe)."""
+    fs, path = filesystem(url, storage_options)
+    _put(fs, Path(local), path, str(url))
+
+
+def write_bytes(url: PathLike, data: bytes, *, storage_options: Optional[dict] = None) -> None:
+    """Write ``data`` to the object ``url`` (one PUT on object stores, a temp name then a move elsewhere)."""
+    with tempfile.TemporaryDirectory(prefix="deepfake-put-") as tmp:
+        local = Path(tmp, "data")
+        local.write_bytes(data)
+        upload_file(local, url, storage_options=storage_options)
+
+
 def upload_folder(local_dir: PathLike, url: PathLike, files: Iterable[str], *, workers: int = 8,
                   last: Sequence[str] = (MANIFEST,), storage_options: Optional[dict] = None) -> None:
     """Upload ``local_dir/name`` to ``url/name`` for each name in ``files``: ``workers`` threads in parallel,
