@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 RUN_ARGS = ("out", "ray", "workers", "storage_options")  # the manifest's record of how the run ran, not what it made
 
@@ -38,35 +38,37 @@ def assert_same_output(a: Path, b: Path) -> None:
         assert ta[name] == tb[name], name
 
 
-class WorkerKiller(threading.Thread):
-    """SIGKILLs the first Ray worker process of this test process seen running one of our tasks (its title is
-    ``ray::_run_chunk`` while it runs one), ``kills`` times at most; ``killed`` lists the pids."""
+class TaskWatcher(threading.Thread):
+    """Watches this test process's Ray worker processes (their title is ``ray::_run_chunk`` while they run one of
+    our tasks): ``seen`` holds ``(pid, parent pid)`` of each busy one (the parent is its node's raylet). With
+    ``kills``, SIGKILLs the first ``kills`` busy workers it sees instead; ``killed`` lists them."""
 
-    def __init__(self, kills: int = 1, after_s: float = 0.0):
+    def __init__(self, kills: int = 0):
         super().__init__(daemon=True)
-        self.kills, self.after_s, self.killed, self._halt = kills, after_s, [], threading.Event()
+        self.kills, self.killed, self.seen, self._halt = kills, [], set(), threading.Event()
 
-    def _busy_worker(self) -> Optional[int]:
+    def _busy_workers(self) -> List[tuple]:
         import psutil
 
+        out = []
         for p in psutil.Process().children(recursive=True):
             try:
                 if " ".join(p.cmdline()).startswith("ray::_run_chunk"):
-                    return p.pid
+                    out.append((p.pid, p.ppid()))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        return None
+        return out
 
     def run(self) -> None:
-        time.sleep(self.after_s)
-        while not self._halt.is_set() and len(self.killed) < self.kills:
-            pid = self._busy_worker()
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                self.killed.append(pid)
+        while not self._halt.is_set():
+            for pid, ppid in self._busy_workers():
+                self.seen.add((pid, ppid))
+                if len(self.killed) < self.kills:
+                    os.kill(pid, signal.SIGKILL)
+                    self.killed.append(pid)
             time.sleep(0.01)
 
-    def stop(self) -> List[int]:
+    def stop(self) -> "TaskWatcher":
         self._halt.set()
         self.join(5)
-        return self.killed
+        return self

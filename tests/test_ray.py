@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from media_helpers import FACES, face_jpegs, face_rgb, scene, write_video
-from ray_helpers import WorkerKiller, assert_same_output, manifest_without_run, tree_bytes
+from ray_helpers import TaskWatcher, assert_same_output, manifest_without_run, tree_bytes
 from servers import free_port
 
 from helpers import make_image_dirs, write_image
@@ -97,12 +97,12 @@ def test_deepfake_faces_with_ray_is_byte_identical(ray_session, videos, tmp_path
 @needs_faces
 def test_a_worker_killed_mid_task_is_retried(ray_session, videos, tmp_path):
     _pack(tmp_path / "one", videos / "real", videos / "fake", *FACE, "--workers", "1")
-    killer = WorkerKiller(kills=2)
+    killer = TaskWatcher(kills=2)
     killer.start()
     try:
         _pack(tmp_path / "ray", videos / "real", videos / "fake", *FACE, "--ray")
     finally:
-        killed = killer.stop()
+        killed = killer.stop().killed
     assert killed, "no worker was caught running a task"
     assert_same_output(tmp_path / "one", tmp_path / "ray")  # nothing lost, nothing doubled, no temp file left
 
