@@ -1,12 +1,15 @@
 """``deepfake-pack --ray`` and ``deepfake-faces --ray`` on a real local Ray (2 CPUs, one session for the module):
 the same bytes as the single-machine pack for images, face videos and an S3 output; a worker killed mid-task is
-retried and nothing is lost or doubled; a leftover staging folder is cleaned, a foreign one refused."""
+retried and nothing is lost or doubled; a killed driver leaves nothing that looks whole and the same command
+rebuilds; a leftover staging folder is cleaned, a foreign one refused; flag errors are one line."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,26 @@ def test_without_ray_installed_it_says_how(tmp_path, monkeypatch, caplog):
     assert pack_main(["--real", str(real), "--fake", str(fake), "--out", str(tmp_path / "out"), "--ray"]) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and 'pip install -e ".[ray]"' in errors[0]
+
+
+@needs_faces
+def test_a_killed_driver_leaves_nothing_whole_and_the_rerun_rebuilds(ray_session, videos, tmp_path):
+    _pack(tmp_path / "one", videos / "real", videos / "fake", *FACE, "--workers", "1")
+    out = tmp_path / "ray"
+    argv = ["--real", str(videos / "real"), "--fake", str(videos / "fake"), "--out", str(out), *SHARDS, *FACE, "--ray"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_memory_monitor_refresh_ms": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "shard_tools.pack", *argv], env=env, cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = out / ".deepfake-pack-staging"
+    try:
+        for _ in range(2400):  # until the face tasks have staged crops (its own Ray takes a few seconds to start)
+            if driver.poll() is not None or (staging.is_dir() and len(list(staging.glob("*.jpg"))) >= 2):
+                break
+            time.sleep(0.05)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL, "the pack finished before it could be killed"
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))  # nothing that looks whole
+    assert pack_main(argv) == 0  # the same command: cleans the staged crops and the lock, rebuilds
+    assert_same_output(tmp_path / "one", out)
