@@ -146,6 +146,15 @@ def test_a_leftover_staging_folder_is_cleaned_and_a_foreign_one_refused(ray_sess
     assert (foreign / ".deepfake-pack-staging" / "notes.txt").read_text() == "mine"
 
 
+def test_a_task_error_comes_back_as_itself(ray_session, s3_bucket):
+    from shard_tools.pools import RayPool
+
+    with RayPool("local", 2) as pool:  # the module's Ray: its workers see the S3 server
+        with pytest.raises(storage.StorageError) as e:
+            list(pool.imap(storage.read_bytes, [f"{s3_bucket}/nothing.bin"]))
+    assert e.value.kind == "not-found" and str(e.value).startswith(f"{s3_bucket}/nothing.bin: ")
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "shard_tools.pack", *args], capture_output=True, text=True,
