@@ -97,6 +97,8 @@ class RayPool:
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ClusterError(f"--ray {address}: cannot start or join Ray ({str(e).splitlines()[0]})") from None
             self._started = True
+        elif address != "local":
+            logger.info("--ray %s: this process has already joined a Ray; using that one", address)
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.window = max(2, 2 * cpus)  # tasks in flight: every CPU busy, the next one queued
         self._task = ray.remote(_run_chunk).options(max_retries=RETRIES, num_cpus=1,

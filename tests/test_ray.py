@@ -85,6 +85,21 @@ def test_face_stage_with_ray_is_byte_identical(ray_session, videos, tmp_path):
     m = manifest_without_run(tmp_path / "ray" / "manifest.json")
     assert m["faces"]["counts"]["real"]["videos"] == 2 and m["faces"]["counts"]["real"]["photos"] == 1
     assert [s["reason"] for s in m["skipped"]] == ["unreadable-video"]  # a bad input: skipped with its reason
+    assert ray_workers_without_torch() >= 1  # the tasks import shard_tools only: no torch in any worker
+
+
+def ray_workers_without_torch() -> int:
+    """How many Ray worker processes of this test process there are; fails if one has libtorch loaded."""
+    import psutil
+
+    n = 0
+    for p in psutil.Process().children(recursive=True):
+        title = " ".join(p.cmdline())
+        if title.startswith("ray::") and "Agent" not in title:
+            libs = [m.path for m in p.memory_maps()]
+            assert not [x for x in libs if "libtorch" in x], f"{title} (pid {p.pid}) has torch loaded"
+            n += 1
+    return n
 
 
 @needs_faces
