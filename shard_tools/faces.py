@@ -15,7 +15,8 @@ quality for the same flags), one process per file, and writes, under ``--out``:
 * ``settings.json``: the stage's settings. Every file is written atomically.
 
 ``--out`` must be new or empty (or a previous output of this tool with ``--overwrite``) and apart from the
-inputs. Exit codes: 0 at least one crop; 1 none; 2 bad flag, missing input or unusable ``--out``.
+inputs. ``--ray`` runs the files as Ray tasks (the same files come out). Exit codes: 0 at least one crop; 1 none,
+or the Ray cluster failed; 2 bad flag, missing input, unusable ``--out`` or Ray not installed.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from shard_tools.media.detect import DetectorMissing, check_detector
 from shard_tools.media.preview import contact_sheet
 from shard_tools.media.stage import FaceSettings, extract
 from shard_tools.media.video import BadMedia
+from shard_tools.pools import ClusterError, RayMissing, check_address, open_pool
 
 logger = logging.getLogger("shard_tools.faces")
 SETTINGS = "settings.json"
@@ -61,6 +63,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview", action="store_true", help="also write each file's sampled frames with the boxes drawn")
     g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())),
                    help="processes, one file each at a time")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run one Ray task per file (pip install -e '.[ray]'): no ADDRESS starts a local Ray with --workers "
+                        "CPUs; 'auto', HOST:PORT or ray://HOST:PORT joins a cluster whose nodes all see the inputs and "
+                        "--out at the same paths. Write --ray=ADDRESS (or --ray after the paths)")
     add_face_args(p)
     return p
 
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     fn = functools.partial(_one, settings=settings.to_dict(), out=str(out), preview=args.preview)
     workers = min(args.workers, max(1, len(inputs)))
     records, skips = [], []
-    with multiprocessing.Pool(workers) if workers > 1 else _InProcess() as pool:
+    with open_pool(workers, args.ray) as pool:
         for recs, skip in tqdm(pool.imap(fn, inputs), total=len(inputs), desc="faces", unit="file", dynamic_ncols=True):
             records += recs
             skips += [skip] if skip else []
@@ -140,20 +146,6 @@ def run(args: argparse.Namespace) -> int:
     return 0 if records else 1
 
 
-class _InProcess:
-    """``multiprocessing.Pool``'s imap, in this process (``--workers 1``)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def imap(fn, items):
-        return map(fn, items)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = get_args_parser()
@@ -161,15 +153,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         settings_from_args(args)
         check_detector(args.detector)
+        check_address("--ray", args.ray)
     except (ValueError, DetectorMissing) as e:
         parser.error(str(e))
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
     try:
         return run(args)
-    except InputError as e:
+    except (InputError, RayMissing) as e:
         logger.error("error: %s", e)
         return 2
+    except ClusterError as e:
+        logger.error("error: %s", e)
+        return 1
     except OSError as e:
         logger.error("error: cannot write %s: %s", e.filename or args.out, e.strerror or e)
         return 2

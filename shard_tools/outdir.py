@@ -10,7 +10,9 @@ Files of ours in ``OUT/`` (everything else is foreign: the pack refuses to run, 
   ``manifest.json`` is in place, so it is only found after an interrupted run;
 * ``.deepfake-pack.lock``: the ``fcntl.flock`` lock file, holding ``deepfake-pack pid N``; removed at the
   end of a run, left behind only by a killed one;
-* temp files ``.tmp-<name>.<8 random chars>`` (``shard_tools.fsutil``) of a name above.
+* temp files ``.tmp-<name>.<8 random chars>`` (``shard_tools.fsutil``) of a name above;
+* ``.deepfake-pack-staging/`` holding ``owner.json`` (``deepfake-pack --ray --faces``: the face crops staged
+  where every node of the cluster can read them); removed at the end of the run, or by the next run.
 
 A folder that does not exist or is empty is fine. Locks are advisory and need a file system where
 ``flock`` works across the processes involved (local disks; not every network file system).
@@ -22,6 +24,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 import stat
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +39,8 @@ logger = logging.getLogger(__name__)
 TOOL = "deepfake-pack"
 LOCK = ".deepfake-pack.lock"
 MARKER = ".deepfake-pack-run.json"
+STAGING = ".deepfake-pack-staging"
+_STAGING_OWNER = "owner.json"
 OUTPUT_RE = re.compile(r"(train|val)-[0-9]{6}\.(tar|idx)")
 _LOCK_TEXT = re.compile(r"(deepfake-pack pid [0-9]+\n?)?")
 _TMP_SUFFIX = r"\.[a-z0-9_]{8}"  # what tempfile.mkstemp appends
@@ -150,7 +155,7 @@ def survey(out: Path, overwrite: bool, *, locked: bool = False) -> Survey:
     own = s.listed | {MARKER} | ({MANIFEST} if s.complete or MARKER in names else set())
     tmp_re = re.compile(rf"{re.escape(fsutil.TMP_PREFIX)}(?:{'|'.join(map(re.escape, sorted(own)))}){_TMP_SUFFIX}")
     foreign = []
-    for name in sorted(names - {MANIFEST, MARKER, LOCK}):
+    for name in sorted(names - {MANIFEST, MARKER, LOCK} - ({STAGING} if _is_staging(out / STAGING) else set())):
         if (name in s.listed or tmp_re.fullmatch(name)) and _is_plain_file(out / name):
             s.removable.append(name)
         else:
@@ -167,6 +172,44 @@ def _is_plain_file(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
+
+
+def _is_staging(path: Path) -> bool:
+    """A staging folder of ours: a real folder, empty or holding our ``owner.json``."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        owner = path / _STAGING_OWNER
+        return not any(path.iterdir()) or (_is_plain_file(owner) and fsutil.loads_json(owner.read_text()).get("tool") == TOOL)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def make_staging(out: Path) -> Path:
+    """Under the lock: a fresh, empty ``out/.deepfake-pack-staging`` (an interrupted run's one is removed first)."""
+    remove_staging(out)
+    path = out / STAGING
+    path.mkdir()
+    fsutil.atomic_write_json(path / _STAGING_OWNER, {"tool": TOOL})
+    return path
+
+
+def remove_staging(out: Path) -> None:
+    if _is_staging(out / STAGING):
+        shutil.rmtree(out / STAGING, ignore_errors=True)
+
+
+def remove_temps(out: Path, names: List[str]) -> int:
+    """Remove the temp files of ``names`` (left by a Ray task killed while writing; its retry wrote the shard
+    under a new temp name); returns how many. Only called once every writer has finished."""
+    tmp_re = re.compile(rf"{re.escape(fsutil.TMP_PREFIX)}(?:{'|'.join(map(re.escape, sorted(names)))}){_TMP_SUFFIX}")
+    gone = 0
+    for name in os.listdir(out):
+        if tmp_re.fullmatch(name) and _is_plain_file(out / name):
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
+                gone += 1
+    return gone
 
 
 def _check_lock_file(path: Path) -> None:

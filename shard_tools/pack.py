@@ -15,8 +15,11 @@ interrupted run's files are removed and the output rebuilt. An exclusive lock in
 whole run: a second pack on the same folder fails at once. ``--out`` must not be inside an input folder,
 nor an input folder inside it. Input roots are normalised, so the bytes do not depend on their spelling.
 Same inputs and seed → byte-identical shards, also after a SIGKILL and rerun.
-Exit codes: 0 ok, 2 missing input / bad flag / nothing packed / ``--strict`` with skips / existing or
-foreign output / output being written by another pack.
+
+``--ray [ADDRESS]``: phases 1 and 3 run as Ray tasks (``shard_tools.pools``) instead of local processes; phase 2,
+the manifest and every rule stay here, in the driver, so the bytes are the same.
+Exit codes: 0 ok, 1 the Ray cluster failed, 2 missing input / bad flag / nothing packed / ``--strict`` with skips /
+existing or foreign output / output being written by another pack / ``--ray`` without Ray installed.
 """
 from __future__ import annotations
 
@@ -32,9 +35,8 @@ from pathlib import Path
 import argparse
 import functools
 import logging
+import contextlib
 import multiprocessing
-import shutil
-import tempfile
 import time
 from collections import Counter
 from typing import List, Optional
@@ -48,10 +50,11 @@ from shard_tools.inputs import InputError, Skip, check_apart, collect, normalize
 from shard_tools.media.cli import add_face_args, settings_from_args
 from shard_tools.media.detect import DetectorMissing, check_detector
 from shard_tools.media.groups import RULES, parse_rule
-from shard_tools.media.packing import assign_groups, count_lines, extract_all, group_report
+from shard_tools.media.packing import assign_groups, count_lines, extract_all, group_report, staging_area
 from shard_tools.media.probe import read_head, video_container
 from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
-from shard_tools.storage import StorageError, option_names, parse_storage_options
+from shard_tools.pools import ClusterError, RayMissing, check_address, open_pool
+from shard_tools.storage import StorageError, option_names, parse_storage_options, remove_pack
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                "within a class are kept once and counted. --out may hold only this tool's own files. Exit "
                "codes: 0 ok; 2 missing input, bad flag, nothing packed, --strict with any skip, a complete "
                "output without --overwrite, a file in --out this tool did not write, --out inside an input "
-               "(or an input inside --out), or --out being written by another deepfake-pack.")
+               "(or an input inside --out), or --out being written by another deepfake-pack, or --ray without Ray "
+               "installed; 1 the Ray cluster failed (a task's worker died more than 3 times, or no cluster at ADDRESS).")
     g = p.add_argument_group("data")
     g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked recursively")
     g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) of fake images (label 1), walked recursively")
@@ -109,6 +113,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="replace a complete output (one with manifest.json): removes only the files its manifest lists")
     g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
     g.add_argument("--workers", type=int, default=max(1, min(8, multiprocessing.cpu_count())), help="processes that read, hash, decode and write")
+    g = p.add_argument_group("cluster")
+    g.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the per-file work and the shard writing as Ray tasks (pip install -e '.[ray]'): no ADDRESS "
+                        "starts a local Ray with --workers CPUs for this run; 'auto', HOST:PORT or ray://HOST:PORT joins "
+                        "a running cluster, whose nodes must all see the inputs and a folder --out at the same paths "
+                        "(or use --out s3://...). Same bytes as without it")
     add_face_args(p)
     return p
 
@@ -131,6 +141,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.allow_outside_root and not args.csv:
         p.error("--allow-outside-root needs --csv")
     try:
+        check_address("--ray", args.ray)
         kind, _ = parse_rule(args.group_by)
         args.face_settings = settings_from_args(args)
         if args.faces:
@@ -201,7 +212,7 @@ def _inspect_all(args: argparse.Namespace, cands, pool, workers: int) -> List[It
     fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels)
     paths = [c.path for c in cands]
     chunk = max(1, min(64, len(paths) // (workers * 16) or 1))
-    results = pool.imap(fn, paths, chunksize=chunk) if pool else map(fn, paths)
+    results = pool.imap(fn, paths, chunksize=chunk)
     out: List[Item | Skip] = []
     for cand, res in tqdm(zip(cands, results), total=len(cands), desc="inspect", unit="img", dynamic_ncols=True):
         if isinstance(res, BadImage):
@@ -212,18 +223,23 @@ def _inspect_all(args: argparse.Namespace, cands, pool, workers: int) -> List[It
 
 
 def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, pool) -> dict:
-    tasks = [(out, f"{split}-{i:06d}.tar", shard, args.max_pixels)
+    """Every shard, written by the pool's workers: into ``out``, or (``--ray --out URL``) straight to the URL."""
+    remote = getattr(args, "_remote", None)  # (url, storage options): set by shard_tools.remote for --ray
+    tasks = [(remote[0] if remote else out, f"{split}-{i:06d}.tar", shard, args.max_pixels, remote and remote[1])
              for split in SPLITS for i, shard in enumerate(plan.splits[split])]
-    planned = [name for _, tar, _, _ in tasks for name in (tar, tar[:-4] + ".idx")]
+    planned = [name for _, tar, *_ in tasks for name in (tar, tar[:-4] + ".idx")]
     state = outdir.survey(out, args.overwrite, locked=True)  # re-checked just before anything is replaced
     outdir.prepare(out, state, planned)
+    if remote:  # the old manifest goes before the first new shard lands: the prefix reads as incomplete
+        remove_pack(remote[0], [MANIFEST], storage_options=remote[1])
     entries = {}
     bar = tqdm(total=n_kept, desc="write", unit="img", dynamic_ncols=True)
-    done = pool.imap_unordered(write_shard_task, tasks) if pool else map(write_shard_task, tasks)
-    for entry in done:
+    for entry in pool.imap_unordered(write_shard_task, tasks):
         entries[entry["name"]] = entry
         bar.update(entry["num_samples"])
     bar.close()
+    if pool.distributed and outdir.remove_temps(out, planned):  # a killed, retried writer's temp file
+        logger.info("removed temp files of shard writers that were killed and retried")
     return entries
 
 
@@ -243,12 +259,12 @@ def run(args: argparse.Namespace) -> int:
                                column if kind == "csv" else None)
         logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
         workers = min(args.workers, max(1, len(cands)))
-        pool = multiprocessing.Pool(workers) if workers > 1 else None
-        staging = Path(tempfile.mkdtemp(prefix="deepfake-pack-faces-")) if args.faces else None
-        face_counts = None
-        try:
+        face_counts, remote = None, getattr(args, "_remote", None)
+        # the pool is closed (nothing still running) before the staged crops are removed
+        with (staging_area(out, bool(args.ray), remote) if args.faces else contextlib.nullcontext()) as staging, \
+                open_pool(workers, args.ray) as pool:
             if args.faces:
-                items, more, face_counts = extract_all(cands, _face_settings(args), staging, pool, workers)
+                items, more, face_counts = extract_all(cands, _face_settings(args), staging, pool, remote and remote[1])
                 skips += more
             else:
                 results = _inspect_all(args, cands, pool, workers)
@@ -269,12 +285,6 @@ def run(args: argparse.Namespace) -> int:
                 raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {s.path}: {s.reason}: {s.detail}")
             entries = _write_all(args, out, plan, n_kept, pool)
             logger.info("inspect %.1fs, write %.1fs", t_inspect, time.time() - t0 - t_inspect)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
         manifest = build_manifest(args, plan, entries, skips, face_counts)
         fsutil.atomic_write_json(out / MANIFEST, manifest)
         outdir.finish(out)
@@ -323,7 +333,8 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
     return {
         "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
         "args": {k: (str(v) if isinstance(v, Path) else option_names(v) if k == "storage_options" else v)
-                 for k, v in sorted(vars(args).items()) if k != "face_settings"},  # option names only: values may be secrets
+                 for k, v in sorted(vars(args).items())
+                 if k != "face_settings" and not k.startswith("_")},  # option names only: values may be secrets
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
         "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},
@@ -345,9 +356,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(parser, args)
     try:
         return run(args)
-    except (InputError, ChangedInput, StorageError) as e:
+    except (InputError, ChangedInput, StorageError, RayMissing) as e:
         logger.error("error: %s", e)
         return 2
+    except ClusterError as e:
+        logger.error("error: %s", e)
+        return 1
     except OSError as e:  # the output side: disk full, read-only folder, ...
         logger.error("error: cannot write %s: %s", e.filename or args.out, e.strerror or e)
         return 2

@@ -7,7 +7,9 @@ then uploaded through :mod:`shard_tools.storage`: shards and ``.idx`` files in p
 last, and only while the lock is still this pack's. A prefix that already holds a manifest is refused without
 ``--overwrite``, and always when the manifest is not this tool's; with it the old manifest is deleted first
 (the prefix reads as incomplete from then on) and old shard/index names that the new pack does not rewrite
-are deleted; nothing else under the prefix is touched.
+are deleted; nothing else under the prefix is touched. With ``--ray`` each Ray task uploads the shards it
+writes itself (the face crops wait under ``URL/.deepfake-pack-staging/``), and the driver uploads only the
+manifest, last, after checking the lock.
 
 inspect: the manifest is read from the URL and validated (`_shard_names`) before any other URL is built from
 it; ``--verify``/``--grid`` then download the listed shards and indexes into a temp folder and check them as
@@ -86,14 +88,16 @@ def pack_to_url(args: argparse.Namespace, run_local: Callable[[argparse.Namespac
     with RemoteLock(url, opts) as lock, fsutil.owned_tempdir("deepfake-pack-") as tmp:
         _old_output(url, opts, args.overwrite)
         local = Path(tmp, "out")
-        rc = run_local(argparse.Namespace(**{**vars(args), "out": str(local), "storage_options": None}))
+        direct = {"_remote": (url, opts)} if getattr(args, "ray", None) else {}  # Ray tasks upload the shards
+        rc = run_local(argparse.Namespace(**{**vars(args), "out": str(local), "storage_options": None, **direct}))
         if rc != 0:
             return rc
         _record_url(local / MANIFEST, url, opts)
         files = sorted(p.name for p in local.iterdir() if p.is_file() and not p.name.startswith(fsutil.TMP_PREFIX))
         lock.check()
+        written = set(_shard_names(json.loads((local / MANIFEST).read_text()))[0])
         stale = [n for n in list_names(url, storage_options=opts)
-                 if n == MANIFEST or (_PACK_NAME.match(n) and n not in files)]
+                 if n == MANIFEST or (_PACK_NAME.match(n) and n not in written)]
         if stale:
             logger.info("%s: removing the old %s and %d old shard/index objects", url,
                         MANIFEST if MANIFEST in stale else "(no manifest)", len(stale) - (MANIFEST in stale))

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import List
 
 from shard_tools.fsutil import atomic_open, atomic_path
 from shard_tools.imageio import BadImage, read_bytes, stored_bytes
-from shard_tools.format import CLASS_NAMES
+from shard_tools.format import CLASS_NAMES, is_remote
 from shard_tools.plan import Item
+from shard_tools.storage import download_verified, join, upload_file
 
 
 class ChangedInput(RuntimeError):
@@ -123,5 +126,20 @@ def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dic
 
 
 def write_shard_task(task) -> dict:
-    """Pool entry point: ``(out, name, items, max_pixels)``."""
-    return write_shard(*task)
+    """Pool entry point: ``(out, name, items, max_pixels[, storage_options])``.
+
+    ``out`` a folder: the shard is written there. ``out`` a URL (``deepfake-pack --ray --out s3://...``): it is
+    written in a temp folder of the machine running the task, then the tar and its index are uploaded to
+    ``out/name``; face crops staged at URLs are fetched first. Either way it returns the manifest entry."""
+    out, name, items, max_pixels, *rest = task
+    if not is_remote(str(out)):
+        return write_shard(Path(out), name, items, max_pixels)
+    opts = rest[0] if rest else None
+    with tempfile.TemporaryDirectory(prefix="deepfake-pack-shard-") as tmp:
+        staged = Path(tmp, "staged")
+        items = [replace(it, data_path=str(download_verified(it.data_path, staged, storage_options=opts)))
+                 if it.data_path and is_remote(it.data_path) else it for it in items]
+        entry = write_shard(Path(tmp), name, items, max_pixels)
+        for n in (name, entry["index"]):
+            upload_file(Path(tmp, n), join(str(out), n), storage_options=opts)
+    return entry

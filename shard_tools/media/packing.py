@@ -7,15 +7,19 @@ image phase, and the usual plan (dedup by crop content, split by group, interlea
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from tqdm import tqdm
 
-from shard_tools.format import CLASS_NAMES
+from shard_tools import outdir
+from shard_tools.format import CLASS_NAMES, is_remote
 from shard_tools.fsutil import sha256_file
 from shard_tools.imageio import BadImage, inspect_bytes
 from shard_tools.inputs import Candidate, Skip
@@ -23,13 +27,14 @@ from shard_tools.media.groups import ffpp_groups, parse_rule, regex_group
 from shard_tools.media.stage import FaceSettings, extract
 from shard_tools.media.video import BadMedia
 from shard_tools.plan import Item
+from shard_tools.storage import join, list_names, remove_pack, write_bytes
 
 _COUNTS = ("files", "photos", "videos", "frames", "faces_found", "crops")
 
 
-def _extract_one(path: str, settings: dict, staging: str):
+def _extract_one(path: str, settings: dict, staging: str, storage_options: Optional[dict] = None):
     """Pool entry point: ``("ok", kind, frames, faces_found, [(staged path, ImageInfo, meta)])`` or
-    ``("skip", reason, detail)``."""
+    ``("skip", reason, detail)``. ``staging`` is a folder, or a URL (``--ray --out s3://...``)."""
     try:
         source_sha = sha256_file(path)
         res = extract(path, FaceSettings(**settings))
@@ -39,8 +44,10 @@ def _extract_one(path: str, settings: dict, staging: str):
         return "skip", "unreadable", f"cannot read it ({e.strerror or e})"
     out = []
     for crop in res.crops:
-        staged = os.path.join(staging, f"{crop.sha256[:32]}.jpg")
-        if not os.path.exists(staged):
+        staged = join(staging, f"{crop.sha256[:32]}.jpg")
+        if is_remote(staging):
+            write_bytes(staged, crop.data, storage_options=storage_options)  # same name, same bytes: idempotent
+        elif not os.path.exists(staged):
             tmp = f"{staged}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
                 f.write(crop.data)
@@ -49,12 +56,13 @@ def _extract_one(path: str, settings: dict, staging: str):
     return "ok", res.kind, res.frames, res.faces_found, out
 
 
-def extract_all(cands: Sequence[Candidate], settings: FaceSettings, staging: Path, pool,
-                workers: int) -> Tuple[List[Item], List[Skip], Dict[str, dict]]:
-    """Items (one per crop, ``group`` = ``file:<source sha256>``), skips (one per file) and per-class counts."""
-    fn = functools.partial(_extract_one, settings=settings.to_dict(), staging=str(staging))
-    paths = [c.path for c in cands]
-    results = pool.imap(fn, paths, chunksize=1) if pool else map(fn, paths)
+def extract_all(cands: Sequence[Candidate], settings: FaceSettings, staging: str, pool,
+                storage_options: Optional[dict] = None) -> Tuple[List[Item], List[Skip], Dict[str, dict]]:
+    """Items (one per crop, ``group`` = ``file:<source sha256>``), skips (one per file) and per-class counts.
+    ``pool``: a `shard_tools.pools` pool; ``staging`` must be readable wherever the shard writers run."""
+    fn = functools.partial(_extract_one, settings=settings.to_dict(), staging=str(staging),
+                           storage_options=storage_options)
+    results = pool.imap(fn, [c.path for c in cands], chunksize=1)
     items: List[Item] = []
     skips: List[Skip] = []
     counts = {name: Counter({k: 0 for k in _COUNTS}) for name in CLASS_NAMES}
@@ -72,6 +80,32 @@ def extract_all(cands: Sequence[Candidate], settings: FaceSettings, staging: Pat
         for staged, info, meta in crops:
             items.append(Item(cand, info, group=f"file:{meta['source_sha256']}", face=meta, data_path=staged))
     return items, skips, {name: dict(c) for name, c in counts.items()}
+
+
+@contextlib.contextmanager
+def staging_area(out: Path, distributed: bool, remote: Optional[tuple] = None) -> Iterator[str]:
+    """Where the face crops wait between extraction and shard writing, removed afterwards: a temp folder on one
+    machine; with Ray, where every node can read it: ``OUT/.deepfake-pack-staging`` (``--out`` is a folder every
+    node mounts), or ``URL/.deepfake-pack-staging/`` for ``remote = (url, storage_options)``."""
+    if not distributed:
+        path = tempfile.mkdtemp(prefix="deepfake-pack-faces-")
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    if remote is None:
+        try:
+            yield str(outdir.make_staging(out))
+        finally:
+            outdir.remove_staging(out)
+        return
+    url, opts = join(remote[0], outdir.STAGING), remote[1]
+    remove_pack(url, list_names(url, storage_options=opts), storage_options=opts)  # an interrupted run's crops
+    try:
+        yield url
+    finally:
+        remove_pack(url, list_names(url, storage_options=opts), storage_options=opts)
 
 
 def assign_groups(items: List[Item], rule: str) -> Tuple[List[Item], List[Skip]]:

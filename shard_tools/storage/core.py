@@ -49,6 +49,9 @@ class StorageError(Exception):
         super().__init__(f"{url}: {message}")
         self.url, self.kind, self.message = url, kind, message
 
+    def __reduce__(self):  # picklable as itself: raised in a pool or Ray task, re-raised on the driver
+        return StorageError, (self.url, self.kind, self.message)
+
 
 def parse_storage_options(text: Optional[str], flag: str = "--storage-options") -> dict:
     """``--storage-options`` JSON text → dict (None or empty → ``{}``); ValueError naming ``flag`` otherwise.

@@ -218,11 +218,24 @@ def create_exclusive(url: PathLike, data: bytes, *, storage_options: Optional[di
         raise
 
 
-def write_bytes(url: PathLike, data: bytes, *, storage_options: Optional[dict] = None) -> None:
-    """Write ``data`` to ``url`` (replacing what is there; a PUT on object stores)."""
+def upload_file(local: PathLike, url: PathLike, *, storage_options: Optional[dict] = None) -> None:
+    """Upload one local file to ``url`` (whole or not at all, as ``upload_folder``); no progress bar (task-safe)."""
     fs, path = filesystem(url, storage_options)
-    with _translated(url):
-        fs.pipe_file(path, data)
+    _put(fs, Path(local), path, str(url))
+
+
+def write_bytes(url: PathLike, data: bytes, *, storage_options: Optional[dict] = None) -> None:
+    """Write ``data`` to ``url``, replacing what is there: one PUT on object stores, a temp name then a move
+    elsewhere (a reader never sees half an object)."""
+    fs, path = filesystem(url, storage_options)
+    if protocol_of(url) in _ATOMIC_PUT:
+        with _translated(url):
+            fs.pipe_file(path, data)
+        return
+    with tempfile.TemporaryDirectory(prefix="deepfake-put-") as tmp:
+        local = Path(tmp, "data")
+        local.write_bytes(data)
+        _put(fs, local, path, str(url))
 
 
 def remove_object(url: PathLike, *, storage_options: Optional[dict] = None) -> None:
