@@ -112,6 +112,29 @@ def test_evaluate_scores_videos_through_the_checkpoints_face_stage(face_run, tmp
     assert sets == ["vids", "vids (video, mean)"]
 
 
+@pytest.mark.timeout(120)
+def test_the_face_stage_in_worker_processes_does_not_hang_and_scores_the_same(face_run, tmp_path):
+    """evaluate forks no face-stage worker from its threaded process (a forked child once waited for ever on a
+    barrier inherited from torch's OpenMP team, which the detector shares); 2 workers give the scores of 0."""
+    import torch
+
+    from pipeline.evaluate import main as evaluate_main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # as a real run: an OpenMP team of 2 exists in this process before the pool starts
+    try:
+        torch.ones(1 << 22).mul_(2).sum()
+        scores = {}
+        for workers in ("0", "2"):
+            out = tmp_path / f"w{workers}"
+            assert evaluate_main(["--checkpoint", str(face_run["run"]), "--set", f"v={face_run['real']},{face_run['fake']}",
+                                  "--scoring", "resize", "--out", str(out), "--workers", workers, "--device", "cpu"]) == 0
+            scores[workers] = json.loads((out / "metrics.json").read_text())["sets"]
+    finally:
+        torch.set_num_threads(threads)
+    assert scores["2"] == scores["0"] and scores["0"][0]["n"] == 36
+
+
 def test_predict_on_a_photo_and_a_video(face_run, tmp_path):
     from pipeline.predict import main as predict_main
 

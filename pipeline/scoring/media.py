@@ -98,7 +98,9 @@ def expand(items: Sequence[Item], settings: Optional[FaceSettings], *, workers: 
     crops: List[Item] = []
     owner: List[int] = []
     errors: Dict[int, str] = {}
-    pool = multiprocessing.Pool(workers) if workers > 1 and len(items) > 1 else None
+    # spawn, not fork: this process has torch's threads (and the detector's OpenMP) running; a forked child
+    # can inherit a lock one of them held and wait on it for ever (seen: detectRGB stuck in a futex)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(items) > 1 else None
     try:
         results = pool.imap(fn, items) if pool else map(fn, items)
         for i, (res, err) in enumerate(tqdm(results, total=len(items), desc="faces", unit="file",
