@@ -112,6 +112,25 @@ class ImageInfo:
         return asdict(self)
 
 
+def read_source(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES, storage_options: Optional[dict] = None) -> bytes:
+    """`read_bytes` for a file, or the object at a URL (``s3://...``, read through `shard_tools.storage` with its
+    retries) with the same ``zero-byte``/``too-large`` checks; a storage failure is ``missing`` (no such object)
+    or ``unreadable`` with the storage error's one line."""
+    if "://" not in str(path):
+        return read_bytes(path, max_bytes)
+    from shard_tools import storage
+
+    try:
+        n = storage.size(path, storage_options=storage_options)
+        if n == 0:
+            raise BadImage("zero-byte", "file is empty")  # the words of a local file: same manifest
+        if n > max_bytes:
+            raise BadImage("too-large", f"{n} bytes > {max_bytes}")
+        return storage.read_bytes(path, storage_options=storage_options, expected_size=n)
+    except storage.StorageError as e:
+        raise BadImage("missing" if e.kind == "not-found" else "unreadable", e.message) from None
+
+
 def read_bytes(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     """Read a regular file; raise BadImage (missing, broken-symlink, not-a-file, unreadable, zero-byte, too-large)."""
     path = Path(path)
