@@ -112,7 +112,8 @@ class ImageInfo:
         return asdict(self)
 
 
-def read_source(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES, storage_options: Optional[dict] = None) -> bytes:
+def read_source(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES,
+                storage_options: Optional[dict] = None) -> bytes:
     """`read_bytes` for a file, or the object at a URL (``s3://...``, read through `shard_tools.storage` with its
     retries) with the same ``zero-byte``/``too-large`` checks; a storage failure is ``missing`` (no such object)
     or ``unreadable`` with the storage error's one line."""

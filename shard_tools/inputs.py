@@ -322,4 +322,5 @@ def check_apart_urls(out: str, inputs: List[Tuple[str, str]]) -> None:
             raise InputError(f"--out {redacted(o)} {where} {flag} {redacted(url)}: the output must not change an input "
                              "prefix; choose an --out outside the inputs")
         if inside(url, o):
-            raise InputError(f"{flag} {redacted(url)} is inside --out {redacted(o)}: choose an --out that holds no input")
+            raise InputError(f"{flag} {redacted(url)} is inside --out {redacted(o)}: choose an --out that holds no "
+                             "input")
