@@ -83,10 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                "installed; 1 the Ray cluster failed (a task's worker died more than 3 times, or no cluster at ADDRESS).")
     g = p.add_argument_group("data")
     g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked "
-                   "recursively; or URL prefix(es) (s3://bucket/real, any listable fsspec URL): listed here, each "
-                   "object read by the workers")
-    g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) or URL prefix(es) of fake images "
-                   "(label 1), as --real")
+                   "recursively, or URL prefix(es) (s3://bucket/real): listed here, each object read by a worker")
+    g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="as --real, for fake images (label 1)")
     g.add_argument("--csv", default=None, metavar="FILE", help="CSV with rows image,label (REAL/FAKE any case, or 0/1; optional header)")
     g.add_argument("--images-root", default=None, metavar="DIR", help="folder the CSV image paths are relative to (None: the CSV's folder)")
     g.add_argument("--allow-outside-root", action="store_true",
