@@ -44,12 +44,15 @@ import stat
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from shard_tools.jpeg import estimate_quality, mpo_first_image
+
+if TYPE_CHECKING:
+    from shard_tools.storage import StorageError
 
 with contextlib.suppress(ImportError):  # HEIF/HEIC only where its decoder is installed; never required
     from pillow_heif import register_heif_opener
@@ -129,7 +132,12 @@ def read_source(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES,
             raise BadImage("too-large", f"{n} bytes > {max_bytes}")
         return storage.read_bytes(path, storage_options=storage_options, expected_size=n)
     except storage.StorageError as e:
-        raise BadImage("missing" if e.kind == "not-found" else "unreadable", e.message) from None
+        raise unreadable_object(e) from None
+
+
+def unreadable_object(e: "StorageError") -> BadImage:
+    """The skip for a URL input whose read failed with ``e``: ``missing`` (no such object) or ``unreadable``."""
+    return BadImage("missing" if e.kind == "not-found" else "unreadable", e.message)
 
 
 def read_bytes(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from shard_tools import outdir
 from shard_tools.format import CLASS_NAMES, is_remote
 from shard_tools.fsutil import sha256_file
-from shard_tools.imageio import BadImage, inspect_bytes
+from shard_tools.imageio import BadImage, inspect_bytes, unreadable_object
 from shard_tools.inputs import Candidate, Skip
 from shard_tools.media.groups import ffpp_groups, parse_rule, regex_group
 from shard_tools.media.stage import FaceSettings, extract
@@ -45,7 +45,8 @@ def _extract_one(path: str, settings: dict, staging: str, storage_options: Optio
     except (BadMedia, BadImage) as e:
         return "skip", e.reason, e.detail.replace(local, path)  # names the object, not its deleted temp copy
     except StorageError as e:
-        return "skip", "missing" if e.kind == "not-found" else "unreadable", e.message
+        bad = unreadable_object(e)
+        return "skip", bad.reason, bad.detail
     except OSError as e:
         return "skip", "unreadable", f"cannot read it ({e.strerror or e})"
     out = []
