@@ -44,12 +44,15 @@ import stat
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from shard_tools.jpeg import estimate_quality, mpo_first_image
+
+if TYPE_CHECKING:
+    from shard_tools.storage import StorageError
 
 with contextlib.suppress(ImportError):  # HEIF/HEIC only where its decoder is installed; never required
     from pillow_heif import register_heif_opener
@@ -110,6 +113,31 @@ class ImageInfo:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def read_source(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES,
+                storage_options: Optional[dict] = None) -> bytes:
+    """`read_bytes` for a file, or the object at a URL (``s3://...``, read through `shard_tools.storage` with its
+    retries) with the same ``zero-byte``/``too-large`` checks; a storage failure is ``missing`` (no such object)
+    or ``unreadable`` with the storage error's one line."""
+    if "://" not in str(path):
+        return read_bytes(path, max_bytes)
+    from shard_tools import storage
+
+    try:
+        n = storage.size(path, storage_options=storage_options)
+        if n == 0:
+            raise BadImage("zero-byte", "file is empty")  # the words of a local file: same manifest
+        if n > max_bytes:
+            raise BadImage("too-large", f"{n} bytes > {max_bytes}")
+        return storage.read_bytes(path, storage_options=storage_options, expected_size=n)
+    except storage.StorageError as e:
+        raise unreadable_object(e) from None
+
+
+def unreadable_object(e: "StorageError") -> BadImage:
+    """The skip for a URL input whose read failed with ``e``: ``missing`` (no such object) or ``unreadable``."""
+    return BadImage("missing" if e.kind == "not-found" else "unreadable", e.message)
 
 
 def read_bytes(path: Union[str, Path], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -20,6 +20,12 @@ a ``--real``/``--fake`` folder (writing there would change the input tree, and a
 the shards), and any input folder (``--images-root`` too) inside ``--out``. An ``--out`` inside
 ``--images-root`` is allowed (``data.csv``, ``images/`` and ``shards/`` in one project folder is common: the
 CSV names its files); a CSV row whose file lies inside ``--out`` is skipped as ``bad-csv-row``.
+
+URL inputs (``--real s3://bucket/real``, any fsspec URL with a listing; `walk_url`): the driver only lists the
+prefix (recursively, through `shard_tools.storage`), never reads an object: the pool's workers do. Keys are
+ordered as the folder walk orders names (component by component), a key with a component starting with ``.``
+is skipped as ``hidden`` (once per hidden "folder"), and ``rel`` is the key below the prefix, so an S3 copy of
+a folder gives the same candidates, names and order as the folder itself. HTTP(S) has no listing: refused.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from shard_tools.format import CLASS_NAMES
+from shard_tools.storage import StorageError, list_tree, protocol_of, redacted
 
 _LABELS = {"real": 0, "0": 0, "fake": 1, "1": 1}
 
@@ -73,6 +80,61 @@ def normalized_root(flag: str, root: str) -> str:
         raise InputError(f"{flag} {root}: its '..' follows a symlink, so it is not the folder {norm}; "
                          "spell the path without '..'")
     return os.path.abspath(norm)
+
+
+def is_url(path: str) -> bool:
+    """An input given as a URL (``s3://...``); ``file://`` counts as a folder once stripped (`normalized_input`)."""
+    return "://" in str(path)
+
+
+def normalized_input(flag: str, root: str) -> str:
+    """A ``--real``/``--fake`` value as stored: a URL without its trailing ``/`` (``file://`` stripped to its
+    folder), else `normalized_root`."""
+    text = str(root)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return text.rstrip("/") if is_url(text) else normalized_root(flag, text)
+
+
+def _url_error(flag: str, url: str, message: str) -> InputError:
+    return InputError(f"{flag} {redacted(url)}: {message}")
+
+
+def walk_url(url: str, label: int, storage_options: Optional[dict] = None) -> List[Candidate | Skip]:
+    """Candidates for every object below the prefix ``url`` (the listing only, no object is read), in the order
+    and with the ``rel`` names `walk_folder` gives the same tree on disk; a Skip per hidden key or "folder".
+    InputError (one line) when the prefix cannot be listed, holds no object, or cannot be listed at all (HTTP)."""
+    flag, name = f"--{CLASS_NAMES[label]}", CLASS_NAMES[label]
+    url = url.rstrip("/")
+    if protocol_of(url) in ("http", "https"):
+        raise _url_error(flag, url, "HTTP(S) has no listing of files: put them under an s3:// prefix (or another "
+                                    "listable fsspec URL), or download them and pass a folder or a --csv")
+    try:
+        found = list_tree(url, storage_options=storage_options)
+    except StorageError as e:
+        raise _url_error(flag, url, f"cannot list it: {e.message}") from None
+    keys = sorted((k for k in found if k), key=lambda k: k.split("/"))
+    if not keys:
+        what = "is an object, not a prefix of objects" if "" in found else \
+            "no object under this prefix (no such bucket/prefix, or it is empty)"
+        raise _url_error(flag, url, f"{what}; give the prefix that holds the {name} files")
+    out: List[Candidate | Skip] = []
+    hidden: set = set()
+    root = redacted(url)  # stored in every sample's json: never a password
+    for rel in keys:
+        parts = rel.split("/")
+        dot = next((i for i, part in enumerate(parts) if part.startswith(".")), None)
+        if dot is not None:
+            top = "/".join(parts[:dot + 1])
+            if top not in hidden:
+                hidden.add(top)
+                out.append(Skip(f"{url}/{top}", name, "hidden", "name starts with '.'"))
+            continue
+        if "" in parts:  # "a//b.jpg": no folder walk could name it
+            out.append(Skip(f"{url}/{rel}", name, "unreadable", "key has an empty path component"))
+            continue
+        out.append(Candidate(label, root, rel, f"{url}/{rel}"))
+    return out
 
 
 def walk_folder(root: str, label: int, exclude: Optional[Path] = None) -> Iterator[Candidate | Skip]:
@@ -230,18 +292,35 @@ def check_apart(out: Path, folders: List[Tuple[str, str]], csv_root: Optional[st
 
 def collect(
     real: List[str], fake: List[str], csv_path: Optional[str], images_root: Optional[str], exclude: Optional[Path],
-    allow_outside_root: bool = False, group_column: Optional[str] = None,
+    allow_outside_root: bool = False, group_column: Optional[str] = None, storage_options: Optional[dict] = None,
 ) -> Tuple[List[Candidate], List[Skip]]:
-    """All inputs in a deterministic order (folders as given, then the CSV rows)."""
+    """All inputs in a deterministic order (folders and URL prefixes as given, then the CSV rows);
+    ``storage_options`` for URL inputs."""
     cands: List[Candidate] = []
     skips: List[Skip] = []
     items: List[Candidate | Skip] = []
     for label, roots in ((0, real), (1, fake)):
         for root in roots:
-            items.extend(walk_folder(root, label, exclude))
+            items.extend(walk_url(root, label, storage_options) if is_url(root) else walk_folder(root, label, exclude))
     if csv_path is not None:
         root = images_root if images_root is not None else str(Path(csv_path).parent)
         items.extend(read_csv(csv_path, root, allow_outside_root, exclude, group_column))
     for item in items:
         (cands if isinstance(item, Candidate) else skips).append(item)
     return cands, skips
+
+
+def check_apart_urls(out: str, inputs: List[Tuple[str, str]]) -> None:
+    """InputError when the URL ``out`` is, or is inside, an input URL prefix, or an input prefix is inside it."""
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b.rstrip("/") + "/")
+
+    o = str(out).rstrip("/")
+    for flag, url in inputs:
+        if inside(o, url):
+            where = "is" if o == url else "is inside"
+            raise InputError(f"--out {redacted(o)} {where} {flag} {redacted(url)}: the output must not change an input "
+                             "prefix; choose an --out outside the inputs")
+        if inside(url, o):
+            raise InputError(f"{flag} {redacted(url)} is inside --out {redacted(o)}: choose an --out that holds no "
+                             "input")

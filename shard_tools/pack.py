@@ -45,16 +45,17 @@ from tqdm import tqdm
 
 from shard_tools import fsutil, outdir
 from shard_tools.format import CLASS_NAMES, MANIFEST, is_remote
-from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_file
-from shard_tools.inputs import InputError, Skip, check_apart, collect, normalized_root
+from shard_tools.imageio import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, BadImage, inspect_bytes, read_source
+from shard_tools.inputs import (InputError, Skip, check_apart, check_apart_urls, collect, is_url, normalized_input,
+                                normalized_root)
 from shard_tools.media.cli import add_face_args, settings_from_args
 from shard_tools.media.detect import DetectorMissing, check_detector
 from shard_tools.media.groups import RULES, parse_rule
 from shard_tools.media.packing import assign_groups, count_lines, extract_all, group_report, staging_area
-from shard_tools.media.probe import read_head, video_container
+from shard_tools.media.probe import video_container
 from shard_tools.plan import SPLITS, Item, Plan, histograms, make_plan, shortcut_warnings
 from shard_tools.pools import ClusterError, RayMissing, check_address, open_pool
-from shard_tools.storage import StorageError, option_names, parse_storage_options, remove_pack
+from shard_tools.storage import StorageError, option_names, parse_storage_options, redacted, remove_pack
 from shard_tools.writer import ChangedInput, write_shard_task
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                "(or an input inside --out), or --out being written by another deepfake-pack, or --ray without Ray "
                "installed; 1 the Ray cluster failed (a task's worker died more than 3 times, or no cluster at ADDRESS).")
     g = p.add_argument_group("data")
-    g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked recursively")
-    g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="folder(s) of fake images (label 1), walked recursively")
+    g.add_argument("--real", nargs="+", default=[], metavar="DIR", help="folder(s) of real images (label 0), walked "
+                   "recursively, or URL prefix(es) (s3://bucket/real): listed here, each object read by a worker")
+    g.add_argument("--fake", nargs="+", default=[], metavar="DIR", help="as --real, for fake images (label 1)")
     g.add_argument("--csv", default=None, metavar="FILE", help="CSV with rows image,label (REAL/FAKE any case, or 0/1; optional header)")
     g.add_argument("--images-root", default=None, metavar="DIR", help="folder the CSV image paths are relative to (None: the CSV's folder)")
     g.add_argument("--allow-outside-root", action="store_true",
@@ -107,8 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="output folder (shards, .idx files, manifest.json): new, empty, or an earlier output of this "
                         "tool; or a URL (s3://bucket/prefix, any fsspec URL): packed in a temp folder, then uploaded, "
                         "manifest last")
-    g.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL --out: JSON of fsspec filesystem "
-                   "arguments, e.g. '{\"endpoint_url\": \"http://host:9000\"}', plus connect_timeout, read_timeout, attempts")
+    g.add_argument("--storage-options", default=None, metavar="JSON", help="for a URL --out and URL inputs: JSON of "
+                   "fsspec filesystem arguments, e.g. '{\"endpoint_url\": \"http://host:9000\"}', plus connect_timeout, read_timeout, attempts")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a complete output (one with manifest.json): removes only the files its manifest lists")
     g.add_argument("--strict", action="store_true", help="fail (exit 2) before writing anything if any input is skipped")
@@ -134,8 +136,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.images_root and not args.csv:
         p.error("--images-root needs --csv")
     try:
-        if parse_storage_options(args.storage_options) and not is_remote(args.out):
-            p.error(f"--storage-options is for a URL --out (s3://bucket/prefix, ...), got the folder {args.out}")
+        if parse_storage_options(args.storage_options) and not any(map(is_url, [args.out, *args.real, *args.fake])):
+            p.error("--storage-options is for a URL --out or URL inputs (s3://bucket/prefix, ...), got only folders")
     except ValueError as e:
         p.error(str(e))
     if args.allow_outside_root and not args.csv:
@@ -158,16 +160,15 @@ def _face_settings(args: argparse.Namespace):
     return replace(args.face_settings, max_pixels=args.max_pixels)
 
 
-def _inspect(path: str, min_size: int, max_pixels: int):
+def _inspect(path: str, min_size: int, max_pixels: int, storage_options: Optional[dict] = None):
+    """Pool entry point: the ImageInfo of the file or object at ``path`` (read here, in the worker), or BadImage."""
+    data = b""
     try:
-        return inspect_file(path, min_size=min_size, max_pixels=max_pixels)
+        data = read_source(path, storage_options=storage_options)
+        return inspect_bytes(data, min_size=min_size, max_pixels=max_pixels)
     except BadImage as e:
-        if e.reason in ("not-an-image", "unsupported-format"):
-            try:
-                if video_container(read_head(path)):
-                    return BadImage("video-needs-faces", "a video: pass --faces to sample its frames and crop the faces")
-            except OSError:
-                pass
+        if e.reason in ("not-an-image", "unsupported-format") and video_container(data[:64]):
+            return BadImage("video-needs-faces", "a video: pass --faces to sample its frames and crop the faces")
         return e
 
 
@@ -190,8 +191,8 @@ def _summary(counts: dict, skips: List[Skip]) -> List[str]:
 
 def _normalize_paths(args: argparse.Namespace) -> None:
     """Input and output paths through ``os.path.normpath`` (manifest and shards never depend on the spelling)."""
-    args.real = [normalized_root("--real", r) for r in args.real]
-    args.fake = [normalized_root("--fake", r) for r in args.fake]
+    args.real = [normalized_input("--real", r) for r in args.real]
+    args.fake = [normalized_input("--fake", r) for r in args.fake]
     args.out = normalized_root("--out", args.out)
     if args.csv is not None:
         args.csv = normalized_root("--csv", args.csv)
@@ -209,7 +210,8 @@ def _check_layout(args: argparse.Namespace) -> Path:
 
 
 def _inspect_all(args: argparse.Namespace, cands, pool, workers: int) -> List[Item | Skip]:
-    fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels)
+    fn = functools.partial(_inspect, min_size=args.min_size, max_pixels=args.max_pixels,
+                           storage_options=args._input_options)
     paths = [c.path for c in cands]
     chunk = max(1, min(64, len(paths) // (workers * 16) or 1))
     results = pool.imap(fn, paths, chunksize=chunk)
@@ -225,7 +227,8 @@ def _inspect_all(args: argparse.Namespace, cands, pool, workers: int) -> List[It
 def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, pool) -> dict:
     """Every shard, written by the pool's workers: into ``out``, or (``--ray --out URL``) straight to the URL."""
     remote = getattr(args, "_remote", None)  # (url, storage options): set by shard_tools.remote for --ray
-    tasks = [(remote[0] if remote else out, f"{split}-{i:06d}.tar", shard, args.max_pixels, remote and remote[1])
+    tasks = [(remote[0] if remote else out, f"{split}-{i:06d}.tar", shard, args.max_pixels, remote and remote[1],
+              args._input_options)
              for split in SPLITS for i, shard in enumerate(plan.splits[split])]
     planned = [name for _, tar, *_ in tasks for name in (tar, tar[:-4] + ".idx")]
     state = outdir.survey(out, args.overwrite, locked=True)  # re-checked just before anything is replaced
@@ -246,6 +249,12 @@ def _write_all(args: argparse.Namespace, out: Path, plan: Plan, n_kept: int, poo
 def run(args: argparse.Namespace) -> int:
     if str(args.out).startswith("file://"):  # a local folder: its flock and ownership rules apply
         args.out = str(args.out)[len("file://"):]
+    if not hasattr(args, "_input_options"):  # URL inputs: the workers read them with these (kept for pack_to_url's run)
+        args._input_options = parse_storage_options(args.storage_options) or None
+        urls = [(flag, normalized_input(flag, u)) for flag, us in (("--real", args.real), ("--fake", args.fake))
+                for u in us if is_url(u)]
+        if urls and is_remote(str(args.out)):
+            check_apart_urls(str(args.out), urls)
     if is_remote(str(args.out)):
         from shard_tools.remote import pack_to_url
 
@@ -256,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
     with outdir.OutputLock(out):
         kind, column = parse_rule(args.group_by)
         cands, skips = collect(args.real, args.fake, args.csv, args.images_root, out, args.allow_outside_root,
-                               column if kind == "csv" else None)
+                               column if kind == "csv" else None, args._input_options)
         logger.info("found %d candidate files (%d skipped while walking)", len(cands), len(skips))
         workers = min(args.workers, max(1, len(cands)))
         face_counts, remote = None, getattr(args, "_remote", None)
@@ -264,7 +273,8 @@ def run(args: argparse.Namespace) -> int:
         with (staging_area(out, bool(args.ray), remote) if args.faces else contextlib.nullcontext()) as staging, \
                 open_pool(workers, args.ray) as pool:
             if args.faces:
-                items, more, face_counts = extract_all(cands, _face_settings(args), staging, pool, remote and remote[1])
+                items, more, face_counts = extract_all(cands, _face_settings(args), staging, pool, remote and remote[1],
+                                                       args._input_options)
                 skips += more
             else:
                 results = _inspect_all(args, cands, pool, workers)
@@ -282,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
                                  f"({dict(Counter(s.reason for s in skips))})")
             if args.strict and skips:
                 s = skips[0]
-                raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {s.path}: {s.reason}: {s.detail}")
+                raise InputError(f"--strict: {len(skips)} input(s) skipped, e.g. {redacted(s.path)}: {s.reason}: "
+                                 f"{s.detail}")
             entries = _write_all(args, out, plan, n_kept, pool)
             logger.info("inspect %.1fs, write %.1fs", t_inspect, time.time() - t0 - t_inspect)
         manifest = build_manifest(args, plan, entries, skips, face_counts)
@@ -311,6 +322,18 @@ def _report(manifest: dict, skips: List[Skip], n_kept: int, n_shards: int, n_can
                 "file" if "faces" in manifest else "img")
 
 
+def _redacted(obj):
+    """``obj`` (JSON-like) with every URL's password replaced by ``***`` (`storage.redacted`): URL inputs name
+    their objects in skips and duplicates."""
+    if isinstance(obj, str):
+        return redacted(obj) if "://" in obj else obj
+    if isinstance(obj, list):
+        return [_redacted(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _redacted(v) for k, v in obj.items()}
+    return obj
+
+
 def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Skip],
                    face_counts: Optional[dict] = None) -> dict:
     kept_all = [it for split in SPLITS for it in plan.kept[split]]
@@ -332,16 +355,18 @@ def build_manifest(args: argparse.Namespace, plan, entries: dict, skips: List[Sk
         extra["faces"] = {"settings": _face_settings(args).to_dict(), "counts": face_counts}
     return {
         "tool": TOOL, "version": VERSION, "format_version": FORMAT_VERSION,
-        "args": {k: (str(v) if isinstance(v, Path) else option_names(v) if k == "storage_options" else v)
+        "args": {k: (str(v) if isinstance(v, Path) else option_names(v) if k == "storage_options"
+                     else _redacted(v) if k in ("real", "fake") else v)
                  for k, v in sorted(vars(args).items())
                  if k != "face_settings" and not k.startswith("_")},  # option names only: values may be secrets
         "seed": args.seed, "val_fraction": args.val_fraction, "classes": {n: i for i, n in enumerate(CLASS_NAMES)},
         "splits": splits,
-        "inputs": {"real": list(args.real), "fake": list(args.fake), "csv": args.csv, "images_root": args.images_root},
+        "inputs": {"real": _redacted(args.real), "fake": _redacted(args.fake), "csv": args.csv,
+                   "images_root": args.images_root},
         "counts": counts,
-        "skipped": [s.to_dict() for s in skips],
-        "duplicates": plan.duplicates,
-        "conflicts": plan.conflicts,
+        "skipped": _redacted([s.to_dict() for s in skips]),
+        "duplicates": _redacted(plan.duplicates),
+        "conflicts": _redacted(plan.conflicts),
         "histograms": hist,
         "warnings": plan.warnings + shortcut_warnings(hist),
         "groups": group_report(plan.kept, args.group_by),

@@ -14,13 +14,13 @@ import tarfile
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from shard_tools.fsutil import atomic_open, atomic_path
-from shard_tools.imageio import BadImage, read_bytes, stored_bytes
+from shard_tools.imageio import BadImage, read_source, stored_bytes
 from shard_tools.format import CLASS_NAMES, is_remote
 from shard_tools.plan import Item
-from shard_tools.storage import download_verified, join, upload_file
+from shard_tools.storage import download_verified, join, redacted, upload_file
 
 
 class ChangedInput(RuntimeError):
@@ -100,8 +100,9 @@ def write_index(tar_path: Path, idx_path: Path) -> None:
             creator.close()
 
 
-def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dict:
-    """Write ``out/name`` (+ ``.idx``); return its manifest entry."""
+def write_shard(out: Path, name: str, items: List[Item], max_pixels: int,
+                input_options: Optional[dict] = None) -> dict:
+    """Write ``out/name`` (+ ``.idx``); return its manifest entry. ``input_options``: storage options of URL inputs."""
     tar_path = Path(out) / name
     classes = {c: 0 for c in CLASS_NAMES}
     with atomic_open(tar_path, "wb") as f:
@@ -109,11 +110,11 @@ def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dic
         for it in items:
             path = it.data_path or it.cand.path
             try:
-                data = read_bytes(path)
+                data = read_source(path, storage_options=input_options)
             except BadImage as e:
-                raise ChangedInput(f"{path}: {e} (it was fine when inspected)") from None
+                raise ChangedInput(f"{redacted(path)}: {e} (it was fine when inspected)") from None
             if hashlib.sha256(data).hexdigest() != it.info.sha256:
-                raise ChangedInput(f"{path}: file changed while packing (sha256 differs); re-run")
+                raise ChangedInput(f"{redacted(path)}: file changed while packing (sha256 differs); re-run")
             tar.add(f"{it.key}.cls", str(it.cand.label).encode())
             tar.add(f"{it.key}.{it.info.ext}", stored_bytes(data, it.info, max_pixels=max_pixels))
             tar.add(f"{it.key}.json", sample_json(it))
@@ -126,20 +127,21 @@ def write_shard(out: Path, name: str, items: List[Item], max_pixels: int) -> dic
 
 
 def write_shard_task(task) -> dict:
-    """Pool entry point: ``(out, name, items, max_pixels[, storage_options])``.
+    """Pool entry point: ``(out, name, items, max_pixels[, storage_options[, input_options]])``; URL inputs are read
+    here, by the worker, with ``input_options``.
 
     ``out`` a folder: the shard is written there. ``out`` a URL (``deepfake-pack --ray --out s3://...``): it is
     written in a temp folder of the machine running the task, then the tar and its index are uploaded to
     ``out/name``; face crops staged at URLs are fetched first. Either way it returns the manifest entry."""
     out, name, items, max_pixels, *rest = task
+    opts, input_options = (list(rest) + [None, None])[:2]
     if not is_remote(str(out)):
-        return write_shard(Path(out), name, items, max_pixels)
-    opts = rest[0] if rest else None
+        return write_shard(Path(out), name, items, max_pixels, input_options)
     with tempfile.TemporaryDirectory(prefix="deepfake-pack-shard-") as tmp:
         staged = Path(tmp, "staged")
         items = [replace(it, data_path=str(download_verified(it.data_path, staged, storage_options=opts)))
                  if it.data_path and is_remote(it.data_path) else it for it in items]
-        entry = write_shard(Path(tmp), name, items, max_pixels)
+        entry = write_shard(Path(tmp), name, items, max_pixels, input_options)
         for n in (name, entry["index"]):
             upload_file(Path(tmp, n), join(str(out), n), storage_options=opts)
     return entry

@@ -120,6 +120,25 @@ def s3_bucket(s3_server, monkeypatch, tmp_path) -> str:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    """One local Ray with 2 CPUs for a module; its workers see the S3 server through the environment, as the
+    workers of a run's own local Ray would (credentials come from each node's environment)."""
+    ray = pytest.importorskip("ray")
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    quiet = {"RAY_memory_monitor_refresh_ms": "0"}  # the shared test machine sits near Ray's 95 % memory line
+    env = {**aws, **quiet, "AWS_ENDPOINT_URL": s3_server.endpoint, "NO_PROXY": "127.0.0.1,localhost"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture
 def http_root(tmp_path) -> Tuple[Path, str]:
     """``(folder, base URL)``: a threaded http.server on 127.0.0.1 serving ``folder`` (tests/servers.py)."""

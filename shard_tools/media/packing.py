@@ -21,25 +21,32 @@ from tqdm import tqdm
 from shard_tools import outdir
 from shard_tools.format import CLASS_NAMES, is_remote
 from shard_tools.fsutil import sha256_file
-from shard_tools.imageio import BadImage, inspect_bytes
+from shard_tools.imageio import BadImage, inspect_bytes, unreadable_object
 from shard_tools.inputs import Candidate, Skip
 from shard_tools.media.groups import ffpp_groups, parse_rule, regex_group
 from shard_tools.media.stage import FaceSettings, extract
 from shard_tools.media.video import BadMedia
 from shard_tools.plan import Item
-from shard_tools.storage import join, list_names, remove_pack, write_bytes
+from shard_tools.storage import StorageError, join, list_names, local_copy, remove_pack, write_bytes
 
 _COUNTS = ("files", "photos", "videos", "frames", "faces_found", "crops")
 
 
-def _extract_one(path: str, settings: dict, staging: str, storage_options: Optional[dict] = None):
+def _extract_one(path: str, settings: dict, staging: str, storage_options: Optional[dict] = None,
+                 input_options: Optional[dict] = None):
     """Pool entry point: ``("ok", kind, frames, faces_found, [(staged path, ImageInfo, meta)])`` or
-    ``("skip", reason, detail)``. ``staging`` is a folder, or a URL (``--ray --out s3://...``)."""
+    ``("skip", reason, detail)``. ``staging`` is a folder, or a URL (``--ray --out s3://...``); ``path`` a file,
+    or a URL input, downloaded here (the worker) into a temp file for the face stage (``input_options``)."""
+    local = path
     try:
-        source_sha = sha256_file(path)
-        res = extract(path, FaceSettings(**settings))
+        with local_copy(path, storage_options=input_options) as local:
+            source_sha = sha256_file(local)
+            res = extract(local, FaceSettings(**settings))
     except (BadMedia, BadImage) as e:
-        return "skip", e.reason, e.detail
+        return "skip", e.reason, e.detail.replace(local, path)  # names the object, not its deleted temp copy
+    except StorageError as e:
+        bad = unreadable_object(e)
+        return "skip", bad.reason, bad.detail
     except OSError as e:
         return "skip", "unreadable", f"cannot read it ({e.strerror or e})"
     out = []
@@ -57,11 +64,13 @@ def _extract_one(path: str, settings: dict, staging: str, storage_options: Optio
 
 
 def extract_all(cands: Sequence[Candidate], settings: FaceSettings, staging: str, pool,
-                storage_options: Optional[dict] = None) -> Tuple[List[Item], List[Skip], Dict[str, dict]]:
+                storage_options: Optional[dict] = None, input_options: Optional[dict] = None
+                ) -> Tuple[List[Item], List[Skip], Dict[str, dict]]:
     """Items (one per crop, ``group`` = ``file:<source sha256>``), skips (one per file) and per-class counts.
-    ``pool``: a `shard_tools.pools` pool; ``staging`` must be readable wherever the shard writers run."""
+    ``pool``: a `shard_tools.pools` pool; ``staging`` must be readable wherever the shard writers run;
+    ``storage_options`` for a URL staging, ``input_options`` for URL inputs."""
     fn = functools.partial(_extract_one, settings=settings.to_dict(), staging=str(staging),
-                           storage_options=storage_options)
+                           storage_options=storage_options, input_options=input_options)
     results = pool.imap(fn, [c.path for c in cands], chunksize=1)
     items: List[Item] = []
     skips: List[Skip] = []

@@ -16,11 +16,11 @@ manifest last, so a remote folder without one still reads as incomplete.
 from shard_tools.storage.core import (ATTEMPTS, CONNECT_TIMEOUT_S, READ_TIMEOUT_S, TRANSIENT, PathLike, StorageError,
                                       attempts_of, backoff_s, filesystem, join, option_names, parse_storage_options,
                                       protocol_of, redacted, retried)
-from shard_tools.storage.objects import (create_exclusive, download_verified, exists, list_names, open_url, read_bytes,
-                                         read_json, remove_object, remove_pack, size, upload_file, upload_folder,
-                                         write_bytes)
+from shard_tools.storage.objects import (create_exclusive, download_verified, exists, list_names, list_tree,
+                                         local_copy, open_url, read_bytes, read_json, remove_object, remove_pack, size,
+                                         upload_file, upload_folder, write_bytes)
 
 __all__ = ["ATTEMPTS", "CONNECT_TIMEOUT_S", "READ_TIMEOUT_S", "TRANSIENT", "PathLike", "StorageError", "attempts_of",
-           "backoff_s", "create_exclusive", "download_verified", "exists", "filesystem", "join", "list_names",
-           "open_url", "option_names", "parse_storage_options", "protocol_of", "read_bytes", "read_json", "remove_object",
+           "backoff_s", "create_exclusive", "download_verified", "exists", "filesystem", "join", "list_names", "list_tree",
+           "local_copy", "open_url", "option_names", "parse_storage_options", "protocol_of", "read_bytes", "read_json", "remove_object",
            "redacted", "remove_pack", "retried", "size", "upload_file", "upload_folder", "write_bytes"]

@@ -89,6 +89,20 @@ def list_names(url: PathLike, *, storage_options: Optional[dict] = None) -> List
     return sorted(str(p).rstrip("/").rsplit("/", 1)[-1] for p in entries)
 
 
+def list_tree(url: PathLike, *, storage_options: Optional[dict] = None) -> List[str]:
+    """Keys of every object below the prefix ``url``, recursively, relative to it (``a/b.jpg``), in the order
+    the store gives; ``[""]`` when ``url`` is itself an object, ``[]`` when nothing is there."""
+    fs, path = filesystem(url, storage_options)
+    base = str(path).rstrip("/")
+
+    def find() -> list:
+        with _translated(url):
+            return fs.find(base, detail=False)
+
+    found = [str(p).rstrip("/") for p in retried(url, storage_options, find)]
+    return [p[len(base) + 1:] if p != base else "" for p in found if p == base or p.startswith(base + "/")]
+
+
 def _put(fs, local: Path, remote: str, url: str) -> None:
     with _translated(url):
         if protocol_of(url) in _ATOMIC_PUT:
@@ -194,6 +208,17 @@ def download_verified(url: PathLike, dest_dir: PathLike, *, size: Optional[int] 
         return final
 
     return retried(url, storage_options, get)
+
+
+@contextlib.contextmanager
+def local_copy(url: PathLike, *, storage_options: Optional[dict] = None) -> Iterator[str]:
+    """A local file holding the object at ``url`` (its own name kept: extensions are checked), downloaded into a
+    temp folder that is removed when the block ends; a local path is yielded as it is."""
+    if "://" not in str(url):
+        yield str(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="deepfake-input-") as tmp:
+        yield str(download_verified(url, tmp, storage_options=storage_options))
 
 
 def create_exclusive(url: PathLike, data: bytes, *, storage_options: Optional[dict] = None) -> None:
