@@ -148,3 +148,14 @@ def http_root(tmp_path) -> Tuple[Path, str]:
     folder.mkdir()
     with http_server(folder) as base:
         yield folder, base
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each in-process training run builds its own Accelerator; forget the previous one's singleton state
+    (``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")`` in the modules that train)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -6,6 +6,8 @@ Fixtures (shards, a trained checkpoint, servers) live in conftest.py.
 """
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Tuple
 
@@ -63,3 +65,21 @@ def help_text(main, capsys) -> str:
         main(["--help"])
     assert e.value.code == 0
     return capsys.readouterr().out
+
+
+def one_error(caplog) -> str:
+    """The one ERROR record a refused command logged: one line, no traceback."""
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "\n" not in errors[0] and "Traceback" not in errors[0], errors[0]
+    return errors[0]
+
+
+def usage_error(capsys, main, argv) -> str:
+    """The one stderr line of an argparse refusal (exit 2)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -19,16 +19,8 @@ from pipeline.scoring.score import Scores, video_level
 from shard_tools.faces import main as faces_main
 from shard_tools.pack import main as pack_main
 
-pytestmark = pytest.mark.skipif(not (FFPP.parent / "faces").is_dir(), reason="needs ../shared/data")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = [pytest.mark.skipif(not (FFPP.parent / "faces").is_dir(), reason="needs ../shared/data"),
+              pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 def test_video_auc_differs_from_frame_auc_by_construction():

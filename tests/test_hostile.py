@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_dirs, write_image
+from helpers import make_image_dirs, one_error, usage_error, write_image
 
 from model import create_model
 from pipeline import evaluate, export, predict, train
@@ -32,17 +32,8 @@ from pipeline.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--cpu"]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ODD_NAMES = [b"\xff\xfe.jpg", b"new\nline.jpg", b"caf\xe9/ok.jpg", "tab\there.jpg".encode()]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process training run builds its own Accelerator; forget the previous one's singleton state."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -63,22 +54,6 @@ def no_half_files(*roots: Path) -> None:
     for root in roots:
         leftovers = [p for p in Path(root).rglob(".tmp-*")] if Path(root).exists() else []
         assert not leftovers, leftovers
-
-
-def one_error(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, errors
-    assert "\n" not in errors[0] and "Traceback" not in errors[0], errors[0]
-    return errors[0]
-
-
-def usage_error(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def env() -> dict:

@@ -11,32 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_image_dirs, write_image
+from helpers import make_image_dirs, one_error, usage_error, write_image
 
 from pipeline import evaluate
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _one_error(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in errors[0], errors
-    return errors[0]
-
-
-def _usage_error(capsys, main, argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 # -- evaluate --set ---------------------------------------------------------------------------------
 def test_set_same_folder_names_the_set(trained, image_dirs, tmp_path, capsys):
     real, _ = image_dirs
-    msg = _usage_error(capsys, evaluate.main, ["--checkpoint", str(trained), "--set", f"a={real},{real}",
+    msg = usage_error(capsys, evaluate.main, ["--checkpoint", str(trained), "--set", f"a={real},{real}",
                                                "--out", str(tmp_path / "e")])
     assert f"--set a: its real folder {real} and its fake folder {real} are the same path" in msg
     assert "--real" not in msg and "--fake" not in msg
@@ -44,7 +29,7 @@ def test_set_same_folder_names_the_set(trained, image_dirs, tmp_path, capsys):
 
 def test_set_names_given_twice_are_refused(trained, image_dirs, tmp_path, capsys):
     real, fake = image_dirs
-    msg = _usage_error(capsys, evaluate.main, ["--checkpoint", str(trained), "--set", f"a={real},{fake}",
+    msg = usage_error(capsys, evaluate.main, ["--checkpoint", str(trained), "--set", f"a={real},{fake}",
                                                "--set", f"a={real},{fake}", "--out", str(tmp_path / "e")])
     assert "--set a: that name is given 2 times" in msg
 
@@ -55,7 +40,7 @@ def test_set_of_empty_folders_is_one_line(trained, image_dirs, tmp_path, caplog)
     empty_r.mkdir(), empty_f.mkdir()
     assert evaluate.main(["--checkpoint", str(trained), "--set", f"ok={real},{fake}", "--set", f"e={empty_r},{empty_f}",
                           "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "e")]) == 2
-    msg = _one_error(caplog)
+    msg = one_error(caplog)
     assert "--set e: no readable real and fake images to score" in msg and "labels and scores" not in msg
     assert not (tmp_path / "e").exists()
 
@@ -81,7 +66,7 @@ def test_corrupt_sample_json_names_the_shard(packed_copy, trained, tmp_path, cap
     (packed_copy / "manifest.json").write_text(json.dumps(manifest))
     assert evaluate.main(["--checkpoint", str(trained), "--data", str(packed_copy), "--device", "cpu", "--workers", "0",
                           "--backend", "torch", "--out", str(tmp_path / "e")]) == 2
-    msg = _one_error(caplog)
+    msg = one_error(caplog)
     assert str(tar) in msg and ".json" in msg and "sample" in msg
 
 
@@ -144,4 +129,4 @@ def test_bench_checks_device_and_remote_up_front(packed, tmp_path, caplog, argv,
         pytest.skip("this machine has CUDA")
     out = tmp_path / "b.json"
     assert bench_main(["--data", str(packed), "--rows", "read", "--json", str(out), *argv]) == 2
-    assert expect in _one_error(caplog) and not out.exists()
+    assert expect in one_error(caplog) and not out.exists()

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_image_dirs, pack_dirs
+from helpers import make_image_dirs, one_error, pack_dirs
 
 from pipeline import evaluate, train
 from pipeline.data.contract import LoaderSpec
@@ -24,27 +24,12 @@ from pipeline.data.shards import DataError
 from shard_tools import fsutil, storage
 from shard_tools.format import MANIFEST
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("fresh_accelerate_state")]
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--cpu",
         "--backend", "torch", "--seed", "0"]
 BASE = ["--model", "deepfakenet_tiny", "--batch-size", "8", "--cpu", "--backend", "torch"]
 SECRET = "sEcReT-value-7d41c0e9b2"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _one_error(caplog) -> str:
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in errors[0], errors
-    return errors[0]
 
 
 def _epoch_ids(data: str, **kw) -> list:
@@ -93,7 +78,7 @@ def test_resume_refuses_other_pack(tmp_path, caplog):
     caplog.clear()
     assert train.main(["--data", str(data), "--out", str(run), *TINY, "--epochs", "2", "--max-steps", "1",
                        "--resume"]) == 2
-    msg = _one_error(caplog)
+    msg = one_error(caplog)
     assert "--resume:" in msg and before["train"][:16] in msg and now[:16] in msg and "the pack changed" in msg
     # the pack it began on: resuming works
     pack_dirs(real, fake, data, "--min-shards", "1", "--overwrite", "--seed", "0")
@@ -116,7 +101,7 @@ def test_train_run_lock_two_writers(packed, tmp_path, caplog):
             caplog.clear()
             assert train.main(["--data", str(packed), "--out", str(run), *TINY, "--epochs", "1", "--max-steps", "1",
                                *extra]) == 2
-            assert f"--out {run} is being written by another deepfake-train (pid {holder.pid})" in _one_error(caplog)
+            assert f"--out {run} is being written by another deepfake-train (pid {holder.pid})" in one_error(caplog)
         assert sorted(p.name for p in run.iterdir()) == [".deepfake-train.lock"]
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -189,7 +174,7 @@ def test_cache_dir_that_is_not_a_folder(packed, s3_bucket, tmp_path, caplog, wha
         expect = "is not a regular file (a folder?) where the downloaded copy of"
     assert train.main(["--data", url, "--out", str(tmp_path / "run"), *TINY, "--epochs", "1", "--max-steps", "1",
                        "--cache-dir", str(cache)]) == 2
-    assert expect in _one_error(caplog)
+    assert expect in one_error(caplog)
 
 
 # -- item 5: no secret written anywhere ------------------------------------------------------------------
@@ -256,10 +241,10 @@ def test_malformed_manifest_is_one_line(packed_copy, tmp_path, caplog, how):
         path.write_text(json.dumps(manifest))
         expect = "is not a plain file name"
     assert train.main(["--data", str(packed_copy), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"]) == 2
-    assert expect in _one_error(caplog) and "embedded null byte" not in caplog.text
+    assert expect in one_error(caplog) and "embedded null byte" not in caplog.text
     caplog.clear()
     assert inspect_main([str(packed_copy), "--verify"]) == 2
-    msg = _one_error(caplog)
+    msg = one_error(caplog)
     assert "is not a deepfake-pack manifest" in msg
 
 
@@ -310,6 +295,6 @@ def test_sbi_only_on_a_pack_without_reals(tmp_path, caplog):
     assert pack_main(["--fake", str(fake), "--out", str(data), "--workers", "1", "--min-shards", "1"]) == 0
     assert train.main(["--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
                        "--fakes", "sbi-only", "--self-blend", "0.5"]) == 2
-    msg = _one_error(caplog)
+    msg = one_error(caplog)
     assert "--fakes sbi-only trains on the real images of the 'train' split; it has none" in msg
     assert "--batch-size" not in msg

@@ -33,14 +33,7 @@ ARCH = "test_resnet"
 MODEL = f"timm/{ARCH}"
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,11 @@ from pipeline.training.rundir import METRIC_COLUMNS
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "deepfakenet_tiny", "--image-size", "32", "--batch-size", "8", "--workers", "0"]
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 
 def _args(packed: Path, out: Path, *extra: str, backend: str = "torch") -> list:
     return ["--data", str(packed), "--out", str(out), "--cpu", "--backend", backend, *TINY, *extra]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; forget the previous one's singleton state."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _env() -> dict:
