@@ -10,8 +10,8 @@ preprocessed exactly as the loaders' eval path (`pipeline.data.folders`). Rows: 
 ``error`` (empty, or ``reason: detail`` for a file that could not be read; then ``p_fake`` and
 ``label`` are empty), ``path_bytes_hex`` (empty, or the exact bytes of a path that is not valid UTF-8
 or holds control characters: ``path`` then shows it escaped, see `pipeline.scoring.outputs`).
-``--explain DIR`` also writes one PNG per scored image into DIR: the model's input, its Grad-CAM heat
-map over it and the score (`pipeline.scoring.explain_files`; ``--cam-layer``, ``--cam-method``).
+``--explain DIR`` also writes one PNG per scored image (and, with the face stage, per face crop of each photo
+and video frame) into DIR: the model's input, its Grad-CAM heat map over it and the score (`pipeline.scoring.explain_files`; ``--cam-layer``, ``--cam-method``).
 ``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold", "n", "n_errors",
 "predictions": [rows]}`` with ``p_fake``/``label``/``path_bytes_hex`` null where not applicable.
 Everything written (file or stdout) is UTF-8; the file is written atomically, and an ``--out`` that
@@ -81,7 +81,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("explanations")
     g.add_argument("--explain", default=None, metavar="DIR",
                    help="also write a PNG per scored image into DIR: the input, a class-activation heat map over it "
-                        "and the score (plus DIR/explanations.csv)")
+                        "and the score (plus DIR/explanations.csv); with the face stage, one PNG per face crop of "
+                        "each photo and video (the stage runs again for them)")
     add_cam_args(g)
     return p
 
@@ -198,8 +199,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
                        per_frame=args.per_frame, norm=norm_of(meta))
         rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
-        if explainer is not None:  # whole images only: crops of photos and videos are not drawn yet
-            n_png = explain_rows(explainer, [r for r in rows if r["kind"] == "image"], Path(args.explain),
+        if explainer is not None:  # whole images, and the face crops of photos and videos
+            n_png = explain_rows(explainer, rows, Path(args.explain), faces=face_settings(args, meta),
                                  image_size=int(meta["image_size"]), mode=mode, device=args.device,
                                  batch_size=args.batch_size, num_workers=args.workers)
             logger.info("wrote %d heat-map PNGs (layer %s, %s) into %s", n_png, explainer.layer, args.cam_method,

@@ -146,6 +146,18 @@ def test_predict_on_a_photo_and_a_video(face_run, tmp_path):
     per_frame = [r for r in rows if r["frame"] != "" and r["path"] == str(video)]
     assert len(per_frame) == 3
     assert float(files[1]["p_fake"]) == pytest.approx(np.mean([float(r["p_fake"]) for r in per_frame]), abs=1e-5)
+    heat = tmp_path / "heat"
+    assert predict_main(["--checkpoint", str(face_run["run"]), str(photo), str(video), "--all-faces", "--explain",
+                         str(heat), "--out", str(tmp_path / "h.csv"), "--workers", "0", "--device", "cpu"]) == 0
+    index = list(csv.DictReader(io.StringIO((heat / "explanations.csv").read_text())))
+    # one PNG per face crop: the photo's 2 faces, the video's 3 frames (numbered after predict's 2 rows)
+    assert sorted(Path(r["path"]).name for r in index) == sorted(
+        ["two_faces.png#0:0", "two_faces.png#0:1"] + [f"{video.name}#{f}:0" for f in
+                                                       sorted({r["frame"] for r in per_frame})])
+    assert all((heat / r["png"]).stat().st_size > 0 and r["png"][:5] >= "00002" for r in index)
+    crop_scores = {Path(r["path"]).name: float(r["p_fake"]) for r in index}
+    by_frame = {f"{video.name}#{r['frame']}:0": float(r["p_fake"]) for r in per_frame}
+    assert all(crop_scores[k] == pytest.approx(v, abs=1e-4) for k, v in by_frame.items())
     off = tmp_path / "off.csv"
     assert predict_main(["--checkpoint", str(face_run["run"]), str(video), "--faces", "off", "--out", str(off),
                          "--workers", "0", "--device", "cpu"]) == 1

@@ -39,6 +39,8 @@ for spec in "$@"; do
     R2) train R2 shards/faces_fs $SMALL --epochs 8 --self-blend 0.5 --sbi-mask ellipse; judge R2 shards/faces_fs ;;
     # real faces only: pseudo-fakes are the only fakes seen (SBI's own recipe)
     R3) train R3 shards/faces_fs $SMALL --epochs 16 --self-blend 0.5 --fakes sbi-only; judge R3 shards/faces_fs ;;
+    # the same with the default (ellipse) mask: the mask comparison on SBI's own recipe
+    R3e) train R3e shards/faces_fs $SMALL --epochs 16 --self-blend 0.5 --fakes sbi-only --sbi-mask ellipse; judge R3e shards/faces_fs ;;
     # ImageNet-pretrained EfficientNet-Lite0 (offline weights), face stage, fakes + face-aware self-blending
     R4) train R4 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 128 \
             --epochs 2 --batch-size 32 --self-blend 0.5; judge R4 shards/faces_fs ;;
