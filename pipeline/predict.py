@@ -11,7 +11,8 @@ preprocessed exactly as the loaders' eval path (`pipeline.data.folders`). Rows: 
 ``label`` are empty), ``path_bytes_hex`` (empty, or the exact bytes of a path that is not valid UTF-8
 or holds control characters: ``path`` then shows it escaped, see `pipeline.scoring.outputs`).
 ``--explain DIR`` also writes one PNG per scored image (and, with the face stage, per face crop of each photo
-and video frame) into DIR: the model's input, its Grad-CAM heat map over it and the score (`pipeline.scoring.explain_files`; ``--cam-layer``, ``--cam-method``).
+and video frame) into DIR: the model's input, its Grad-CAM heat map over it and the score
+(`pipeline.scoring.explain_files`; ``--cam-layer``, ``--cam-method``).
 ``--out *.json`` writes ``{"checkpoint", "model", "image_size", "threshold", "n", "n_errors",
 "predictions": [rows]}`` with ``p_fake``/``label``/``path_bytes_hex`` null where not applicable.
 Everything written (file or stdout) is UTF-8; the file is written atomically, and an ``--out`` that
@@ -194,13 +195,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         explainer = explainer_from_args(args, model, meta, args.threshold) if args.explain is not None else None
         mode = scoring_mode(args, meta)
+        faces = face_settings(args, meta)
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                       checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
+                       checkpoint=meta["path"], faces=faces, pool=args.pool,
                        per_frame=args.per_frame, norm=norm_of(meta))
         rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
         if explainer is not None:  # whole images, and the face crops of photos and videos
-            n_png = explain_rows(explainer, rows, Path(args.explain), faces=face_settings(args, meta),
+            n_png = explain_rows(explainer, rows, Path(args.explain), faces=faces,
                                  image_size=int(meta["image_size"]), mode=mode, device=args.device,
                                  batch_size=args.batch_size, num_workers=args.workers)
             logger.info("wrote %d heat-map PNGs (layer %s, %s) into %s", n_png, explainer.layer, args.cam_method,

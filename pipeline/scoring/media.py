@@ -98,8 +98,8 @@ def expand(items: Sequence[Item], settings: Optional[FaceSettings], *, workers: 
     crops: List[Item] = []
     owner: List[int] = []
     errors: Dict[int, str] = {}
-    # spawn, not fork: this process has torch's threads (and the detector's OpenMP) running; a forked child
-    # can inherit a lock one of them held and wait on it for ever (seen: detectRGB stuck in a futex)
+    # spawn, not fork: the detector's OpenMP calls resolve to torch's libgomp, whose thread team this process
+    # has already started; a forked child waits for ever on that team's barrier (seen in detectRGB)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 and len(items) > 1 else None
     try:
         results = pool.imap(fn, items) if pool else map(fn, items)
