@@ -36,13 +36,13 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from pipeline.augment.config import DEFAULT_NORM, Norm
 from pipeline.checkpoint import CheckpointError, load_checkpoint, norm_of
-from pipeline.data.folders import collect
+from pipeline.data.folders import Item, collect
 from pipeline.scoring.cli import (OneLineParser, add_scoring_arg, check_inference_args, default_device, scoring_mode,
                                   stdout_bytes)
 from pipeline.scoring.media import add_media_args, expand, face_settings, pool_files
@@ -83,7 +83,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--explain", default=None, metavar="DIR",
                    help="also write a PNG per scored image into DIR: the input, a class-activation heat map over it "
                         "and the score (plus DIR/explanations.csv); with the face stage, one PNG per face crop of "
-                        "each photo and video (the stage runs again for them)")
+                        "each photo and video")
     add_cam_args(g)
     return p
 
@@ -98,12 +98,14 @@ def predict(
     model: torch.nn.Module, paths: List[str], *, image_size: int, mode: str = "resize", threshold: float = 0.5,
     device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0, progress: bool = True,
     checkpoint: str = "the checkpoint", faces: Optional[FaceSettings] = None, pool: str = "mean",
-    per_frame: bool = False, norm: Norm = DEFAULT_NORM,
+    per_frame: bool = False, norm: Norm = DEFAULT_NORM, crops_out: Optional[List[Tuple[Item, float]]] = None,
 ) -> List[dict]:
     """One row per file under ``paths``: ``{"path", "p_fake", "label", "error", "kind", "frames", "faces"}``
     (None where not applicable). With a face stage (``faces``) a photo's score is the max over its faces and a
     video's pools its frames (``pool``); a photo with several faces also gets one row per face, and with
     ``per_frame`` each video one row per scored crop (``frame``, ``time``, ``face`` set on those rows).
+
+    ``crops_out``, when given, receives every scored face crop of a photo or video with its score (`--explain`).
 
     Raises `CheckpointError` (naming ``checkpoint``) when the model's output is NaN or infinite for a
     file that was read: that is the weights' fault, not the file's.
@@ -120,6 +122,8 @@ def predict(
     check_finite(scores[read], [crops[j].path for j in read], checkpoint)
     for j, err in crop_errors.items():
         errors.setdefault(owner[j], err)
+    if crops_out is not None:
+        crops_out += [(crops[j], float(scores[j])) for j in read if infos[owner[j]].kind in ("photo", "video")]
     frames = [(c.face or {}).get("frame", 0) for c in crops]
     pooled = pool_files(owner, frames, scores, pool)
     by_file: dict = {}
@@ -195,14 +199,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, meta = load_checkpoint(args.checkpoint, device=args.device)
         explainer = explainer_from_args(args, model, meta, args.threshold) if args.explain is not None else None
         mode = scoring_mode(args, meta)
-        faces = face_settings(args, meta)
+        crops: List[Tuple[Item, float]] = []
         rows = predict(model, args.paths, image_size=int(meta["image_size"]), mode=mode, threshold=args.threshold,
                        device=args.device, batch_size=args.batch_size, num_workers=args.workers,
-                       checkpoint=meta["path"], faces=faces, pool=args.pool,
-                       per_frame=args.per_frame, norm=norm_of(meta))
+                       checkpoint=meta["path"], faces=face_settings(args, meta), pool=args.pool,
+                       per_frame=args.per_frame, norm=norm_of(meta), crops_out=crops)
         rows_all, rows = rows, [r for r in rows if r["frame"] is None and r["face"] is None]  # one per file
         if explainer is not None:  # whole images, and the face crops of photos and videos
-            n_png = explain_rows(explainer, rows, Path(args.explain), faces=faces,
+            n_png = explain_rows(explainer, rows, Path(args.explain), crops=crops,
                                  image_size=int(meta["image_size"]), mode=mode, device=args.device,
                                  batch_size=args.batch_size, num_workers=args.workers)
             logger.info("wrote %d heat-map PNGs (layer %s, %s) into %s", n_png, explainer.layer, args.cam_method,

@@ -22,12 +22,10 @@ from tqdm import tqdm
 
 from pipeline.data.folders import Item
 from pipeline.scoring.explain import METHODS, Explainer, ExplainError, explain_views
-from pipeline.scoring.media import expand
 from pipeline.scoring.modes import ModeItems
 from pipeline.scoring.outputs import path_hex, shown, writing
 from pipeline.scoring.render import panel, save_png
 from shard_tools.fsutil import atomic_write_text
-from shard_tools.media.stage import FaceSettings
 
 logger = logging.getLogger(__name__)
 INDEX = "explanations.csv"
@@ -72,18 +70,15 @@ def explain_mode(mode: str) -> Tuple[str, str]:
 def write_explanations(explainer: Explainer, views: Sequence[torch.Tensor], names: Sequence[str], out_dir: Path, *,
                        indices: Optional[Sequence[int]] = None, scores: Optional[Sequence[float]] = None,
                        labels: Optional[Sequence[int]] = None, notes: Optional[Sequence[str]] = None,
-                       device="cpu", batch_size: int = 32, scores_out: Optional[List[float]] = None) -> List[Path]:
+                       device="cpu", batch_size: int = 32) -> List[Path]:
     """One PNG per uint8 CHW view (any sizes): the view, its heat map, the score, the name. ``scores``
-    (default, or where an entry is None: the explanation's own P(fake)) and ``labels`` (0/1, or -1/None
-    unknown) go in the caption; ``indices`` number the files (default 0..N-1); the scores shown are appended
-    to ``scores_out`` when given. Returns the paths written."""
+    (default: the explanation's own P(fake)) and ``labels`` (0/1, or -1/None unknown) go in the caption;
+    ``indices`` number the files (default 0..N-1). Returns the paths written."""
     own, maps = explain_views(explainer, views, device=device, batch_size=batch_size)
     paths = []
     for j, (view, name) in enumerate(zip(views, names)):
         path = Path(out_dir) / png_name(indices[j] if indices is not None else j, name)
-        score = float(scores[j]) if scores is not None and scores[j] is not None else float(own[j])
-        if scores_out is not None:
-            scores_out.append(score)
+        score = float(scores[j]) if scores is not None else float(own[j])
         label = labels[j] if labels is not None else None
         image = panel(view, maps[j], name=name, score=score, threshold=explainer.threshold, label=label,
                       note=notes[j] if notes else "")
@@ -97,12 +92,11 @@ def _collate(samples):
     return samples
 
 
-def explain_items(explainer: Explainer, items: Sequence[Item], scores: Sequence[Optional[float]], out_dir: Path, *,
+def explain_items(explainer: Explainer, items: Sequence[Item], scores: Sequence[float], out_dir: Path, *,
                   image_size: int, mode: str, device="cpu", batch_size: int = 32, num_workers: int = 0,
                   indices: Optional[Sequence[int]] = None, progress: bool = True) -> Dict[int, str]:
     """A PNG per item, re-read and preprocessed as ``mode`` scored it (`pipeline.scoring.modes`), with its
-    score (None: the explanation's own P(fake), as for a face crop that was scored only as part of its file);
-    then ``explanations.csv``. Returns ``{position: reason}`` of items that could not be read again."""
+    score; then ``explanations.csv``. Returns ``{position: reason}`` of items that could not be read again."""
     out_dir = Path(out_dir)
     with writing(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +112,11 @@ def explain_items(explainer: Explainer, items: Sequence[Item], scores: Sequence[
         if not ok:
             continue
         pos = [i for i, _ in ok]
-        shown_scores: List[float] = []
         paths = write_explanations(explainer, [v for _, v in ok], [items[i].path for i in pos], out_dir,
                                    indices=[indices[i] for i in pos], scores=[scores[i] for i in pos],
                                    labels=[items[i].label for i in pos], notes=[note] * len(pos) if note else None,
-                                   device=device, batch_size=batch_size, scores_out=shown_scores)
-        rows += [(p.name, items[i].path, sc) for p, i, sc in zip(paths, pos, shown_scores)]
+                                   device=device, batch_size=batch_size)
+        rows += [(p.name, items[i].path, float(scores[i])) for p, i in zip(paths, pos)]
     _write_index(out_dir / INDEX, rows, explainer.threshold)
     for i, err in sorted(failed.items()):
         logger.warning("explain: could not read %s again: %s", shown(items[i].path), shown(err))
@@ -140,21 +133,14 @@ def _write_index(path: Path, rows: List[tuple], threshold: float) -> None:
         atomic_write_text(path, buf.getvalue())
 
 
-def explain_rows(explainer: Explainer, rows: List[dict], out_dir: Path, *, faces: Optional[FaceSettings] = None,
-                 **kwargs) -> int:
-    """predict's ``--explain``: a PNG for every whole image that was scored (numbered by its row), and, with a
-    face stage, one for every face crop of each photo and video (the stage is run again; numbered after the
-    rows, named ``FILE#FRAME:FACE``, captioned with the crop's own P(fake)). Returns the number of PNGs."""
-    scored = [(k, r) for k, r in enumerate(rows) if r["error"] is None]
-    whole = [(k, r) for k, r in scored if r["kind"] == "image"]
-    items = [Item(r["path"]) for _, r in whole]
-    scores: List[Optional[float]] = [r["p_fake"] for _, r in whole]
-    indices = [k for k, _ in whole]
-    media = [Item(r["path"]) for _, r in scored if r["kind"] in ("photo", "video")]
-    if media and faces is not None:
-        crops = expand(media, faces, workers=kwargs.get("num_workers", 0))[0]
-        items += crops
-        scores += [None] * len(crops)
-        indices += range(len(rows), len(rows) + len(crops))
-    failed = explain_items(explainer, items, scores, out_dir, indices=indices, **kwargs)
+def explain_rows(explainer: Explainer, rows: List[dict], out_dir: Path, *,
+                 crops: Sequence[Tuple[Item, float]] = (), **kwargs) -> int:
+    """predict's ``--explain``: a PNG for every whole image that was scored (numbered by its row), and one per
+    face crop that predict scored (``crops``: the crop and its score; numbered after the rows, named
+    ``FILE#FRAME:FACE``). Returns the number of PNGs written."""
+    whole = [(k, r) for k, r in enumerate(rows) if r["error"] is None and r["kind"] == "image"]
+    items = [Item(r["path"]) for _, r in whole] + [c for c, _ in crops]
+    scores = [r["p_fake"] for _, r in whole] + [p for _, p in crops]
+    indices = [k for k, _ in whole] + list(range(len(rows), len(rows) + len(crops)))
+    failed = explain_items(explainer, items, np.asarray(scores), out_dir, indices=indices, **kwargs)
     return len(items) - len(failed)
