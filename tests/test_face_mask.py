@@ -67,3 +67,38 @@ def test_pseudo_fake_changes_pixels_only_around_the_face():
     a = pseudo_fake_or_real(image, np.random.default_rng(seeds[0]), 1.0)[0]
     b = pseudo_fake_or_real(image, np.random.default_rng(seeds[0]), 1.0, face_box=box)[0]
     assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("box", [(0.05, 0.1, 0.45, 0.6), (0.55, 0.45, 0.95, 0.9)])
+def test_gpu_batch_path_puts_the_mask_on_the_face_box_like_the_workers(box):
+    """The device-batch path (`self_blend_batch`, CUDA modes; its ops run on any device) reads the face box
+    from the choice table and places the same mask as the workers' per-image path; rows without a box keep
+    the default mask."""
+    import torch
+
+    from pipeline.augment.self_blend import N_UNIFORMS, params_from_uniforms
+    from pipeline.augment.self_blend_batch import choice_table, masks_for, params_from_table
+
+    n, size, g = 8, 128, DEFAULT_CONFIG.elastic_grid
+    table = choice_table([np.random.default_rng(s) for s in range(n)], 1.0, boxes=[box] * (n - 1) + [None])
+    assert np.isfinite(table[:-1, -4:]).all() and np.isnan(table[-1, -4:]).all()
+    p = dict(params_from_table(table), blend_ratio=np.ones(n), scale=np.ones(n), tx=np.zeros(n), ty=np.zeros(n))
+    masks = masks_for(p, size, size, DEFAULT_CONFIG.mask_stride, torch.device("cpu")).numpy()
+    x0, y0, x1, y1 = (int(v * size) for v in box)
+    plain = params_from_uniforms(table[:, 1:1 + N_UNIFORMS], table[:, 1 + N_UNIFORMS:-4].reshape(-1, 2, g, g),
+                                 DEFAULT_CONFIG)
+    image = np.zeros((size, size, 3), np.uint8)
+    for i in range(n):
+        row = {k: v[i] for k, v in p.items()}
+        if i == n - 1:  # no box: the default mask, exactly the parameters without placement
+            assert all(np.allclose(row[k], plain[k][i]) for k in ("cx", "cy", "half_w", "half_h"))
+            continue
+        worker = apply_params(image, place_on_face({k: v[i] for k, v in plain.items()} | dict(
+            blend_ratio=1.0, scale=1.0, tx=0.0, ty=0.0), box, DEFAULT_CONFIG), DEFAULT_CONFIG)[1]
+        mask = masks[i]
+        assert mask[y0:y1, x0:x1].sum() > 0.6 * mask.sum(), "most of the mask lies on the face box"
+        ys, xs = np.nonzero(mask > 0.5)
+        wy, wx = np.nonzero(worker > 0.5)
+        assert x0 <= xs.mean() <= x1 and y0 <= ys.mean() <= y1
+        assert abs(xs.mean() - wx.mean()) < 3 and abs(ys.mean() - wy.mean()) < 3, "the workers' mask, same place"
+        assert np.abs(mask - worker).mean() < 0.05

@@ -146,8 +146,8 @@ def test_blend_batch_changes_only_the_chosen_rows_and_only_inside_the_mask():
     import torch
     from helpers import make_face
 
-    from pipeline.augment.self_blend import BLEND, DEFAULT_CONFIG, KEEP, N_UNIFORMS, TRANSFORM, params_from_uniforms
-    from pipeline.augment.self_blend_batch import blend_batch, choice_table, masks_for
+    from pipeline.augment.self_blend import BLEND, KEEP, TRANSFORM
+    from pipeline.augment.self_blend_batch import blend_batch, choice_table, masks_for, params_from_table
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(np.stack([make_face(rng, 64) for _ in range(6)])).permute(0, 3, 1, 2).contiguous()
@@ -157,10 +157,8 @@ def test_blend_batch_changes_only_the_chosen_rows_and_only_inside_the_mask():
     out = blend_batch(x, torch.from_numpy(table))
     assert out.dtype == torch.uint8 and out.shape == x.shape and not torch.equal(out, x)
     assert torch.equal(out[1], x[1]) and torch.equal(out[4], x[4])  # kept; transform of the source only
-    g = 5
     rows = [0, 2, 3, 5]
-    p = params_from_uniforms(table[rows, 1:1 + N_UNIFORMS], table[rows, 1 + N_UNIFORMS:].reshape(-1, 2, g, g),
-                             DEFAULT_CONFIG)
+    p = params_from_table(table[rows])
     masks = masks_for(p, 64, 64, 4, x.device)
     for j, i in enumerate(rows):
         assert table[i, 0] == BLEND
@@ -194,3 +192,67 @@ def test_cuda_blends_on_the_gpu_batch_with_the_workers_choices(packed):
         assert a.ids == b.ids and torch.equal(a.labels, b.labels.cpu()) and b.images.device.type == "cuda"
         n += sum(k.endswith(SBI_SUFFIX) for k in b.ids)
     assert n > 0
+
+
+@pytest.fixture(scope="module")
+def face_packed(tmp_path_factory) -> Path:
+    """A face-stage pack (``--faces``) of photos with one real face each: every sample's json has its box."""
+    from helpers import write_image
+    from media_helpers import face_jpegs, face_rgb, scene
+
+    from shard_tools.pack import main as pack_main
+
+    root = tmp_path_factory.mktemp("face_pack")
+    for kind in ("real", "fake"):
+        (root / kind).mkdir()
+        for i, f in enumerate(face_jpegs(kind, 8, 40)):
+            write_image(root / kind / f"{kind}{i}.jpg", scene([face_rgb(f, 120)], 320, 240, seed=i,
+                                                              at=[(20 + 20 * i, 40 + 8 * i)]))
+    out = root / "out"
+    assert pack_main(["--real", str(root / "real"), "--fake", str(root / "fake"), "--out", str(out), "--faces",
+                      "--face-size", "96", "--val-fraction", "0.25", "--min-shards", "1", "--workers", "1"]) == 0
+    return out
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_batch_path_reads_the_face_box_of_each_real_sample(face_packed):
+    """CUDA modes (here the GPU-decode mode with torchvision's CPU decoder): the workers put each real sample's
+    face-stage box in its choice row (``--sbi-mask face``) and none under ``--sbi-mask ellipse``; the
+    pseudo-fakes stay close to the workers' own (which blend on the same box at native size)."""
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from pipeline.augment.face_mask import sample_face_box
+    from pipeline.data.shards import resolve_shards
+    from pipeline.data.torch_backend import TorchLoader
+
+    def spec(mask):
+        return LoaderSpec(str(face_packed), "train", train=True, backend="torch", batch_size=4, image_size=64,
+                          seed=1, aug=AugConfig.preset("none", self_blend=1.0, sbi_mask=mask), num_workers=0)
+
+    shards = resolve_shards(str(face_packed), "train")
+    boxes = {s["__key__"]: sample_face_box(s) for s in wds.WebDataset(shards.shards, shardshuffle=False)}
+    assert boxes and all(b is not None for b in boxes.values())
+    for mask in ("face", "ellipse"):
+        stream = TorchLoader(spec(mask), shards, decode_device="cpu")._make(False)[0]
+        n_real = 0
+        for _, labels, ids, _, table in stream:
+            for key, label, row in zip(ids, labels, table):
+                if label == 1 and not key.endswith(SBI_SUFFIX):  # a true fake: a KEEP row, no box
+                    assert row[0] == 0 and np.isnan(row[-4:]).all()
+                    continue
+                n_real += 1
+                own = boxes[key.removesuffix(SBI_SUFFIX)]
+                np.testing.assert_allclose(row[-4:], np.asarray(own if mask == "face" else [np.nan] * 4))
+        assert n_real > 3
+    workers, batch = (TorchLoader(spec("face"), shards), TorchLoader(spec("face"), shards, decode_device="cpu"))
+    n = 0
+    for a, b in zip(workers, batch):
+        assert a.ids == b.ids and torch.equal(a.labels, b.labels)
+        for i, key in enumerate(a.ids):
+            if key.endswith(SBI_SUFFIX):
+                assert ((a.images[i] - b.images[i]).abs() * 255 * 0.225).mean() < 12
+                n += 1
+    assert n > 3

@@ -30,8 +30,8 @@ def place_on_face(p: Dict[str, np.ndarray], box: Sequence[float], cfg) -> Dict[s
     little towards the forehead) plus the drawn offset scaled to the box (the default ranges are set for a face
     about 0.4 of the crop wide). SBI draws its mask from a landmark hull; the offline detectors here give boxes,
     so the box stands in for the hull."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    bw, bh = max(x1 - x0, 1e-3), max(y1 - y0, 1e-3)
+    x0, y0, x1, y1 = (np.asarray(v, dtype=np.float64) for v in box)  # scalars, or one value per row of p
+    bw, bh = np.maximum(x1 - x0, 1e-3), np.maximum(y1 - y0, 1e-3)
     size = _unit(p["half_w"], cfg.mask_half_width)
     aspect = _unit(p["half_h"] / p["half_w"], cfg.mask_aspect)
     q = dict(p)

@@ -6,23 +6,26 @@ the CPU workers run): each sample's choice, uniforms and noise are drawn per sam
 the same on either path) and mapped by the shared `params_from_uniforms`; the ops then run batched
 in float on the device: the colour matrix as one batched matmul, down/up-sampling grouped by factor,
 sharpening as grouped 3x3 convolutions, the source warp through ``grid_sample``, and the masks as a
-per-sample ellipse on a coarse grid plus a smooth displacement (`displacement_basis`), a grouped
-per-sample Gaussian blur and a bilinear up-sampling. The two paths are not bit-identical (rounding,
+per-sample ellipse (on the face box where the row has one) on a coarse grid plus a smooth displacement
+(`displacement_basis`), a grouped per-sample Gaussian blur and a bilinear up-sampling. The two paths are not bit-identical (rounding,
 sub-pixel warp instead of whole-pixel offsets, float instead of 8-bit alpha), and this one blends
 the batch at its output size where the workers blend the decoded image at its native size (the
 mask's geometry is relative to the image, so both draw the same mask shape).
 
 A table row per sample (`choice_table`): column 0 the choice (``KEEP``/``BLEND``/``TRANSFORM``), then
-the ``N_UNIFORMS`` uniforms, then the ``2 * g * g`` normals; ``KEEP`` rows are zeros after column 0.
+the ``N_UNIFORMS`` uniforms, then the ``2 * g * g`` normals (``KEEP`` rows: zeros), then the face-stage box
+(x0, y0, x1, y1 as fractions of the image, ``--sbi-mask face``; NaN where a sample has none): a row with a
+box gets its mask placed on the face (`pipeline.augment.face_mask.place_on_face`) as the workers' path does.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.augment.face_mask import place_on_face
 from pipeline.augment.self_blend import (
     BLEND,
     DEFAULT_CONFIG,
@@ -40,18 +43,42 @@ from pipeline.augment.self_blend import (
 )
 
 
+BOX_COLUMNS = 4  # the face box at the end of a table row
+
+
 def table_width(cfg: SelfBlendConfig = DEFAULT_CONFIG) -> int:
-    return 1 + N_UNIFORMS + 2 * cfg.elastic_grid ** 2
+    return 1 + N_UNIFORMS + 2 * cfg.elastic_grid ** 2 + BOX_COLUMNS
 
 
-def choice_table(rngs: List[np.random.Generator], p: float, cfg: SelfBlendConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """[N, `table_width`] float64: one `draw_choice` per generator (one per real sample)."""
+def choice_table(rngs: List[np.random.Generator], p: float, cfg: SelfBlendConfig = DEFAULT_CONFIG,
+                 boxes: Optional[Sequence[Optional[Tuple[float, float, float, float]]]] = None) -> np.ndarray:
+    """[N, `table_width`] float64: one `draw_choice` per generator (one per real sample) and its face box
+    (``boxes[i]``, fractions of the image; None or no ``boxes``: the default mask)."""
     table = np.zeros((len(rngs), table_width(cfg)))
+    table[:, -BOX_COLUMNS:] = np.nan
+    noise_end = table.shape[1] - BOX_COLUMNS
     for i, rng in enumerate(rngs):
         choice, u, noise = draw_choice(rng, p, cfg)
         if choice != KEEP:
-            table[i, 0], table[i, 1:1 + N_UNIFORMS], table[i, 1 + N_UNIFORMS:] = choice, u, noise.ravel()
+            table[i, 0], table[i, 1:1 + N_UNIFORMS], table[i, 1 + N_UNIFORMS:noise_end] = choice, u, noise.ravel()
+        if boxes is not None and boxes[i] is not None:
+            table[i, -BOX_COLUMNS:] = boxes[i]
     return table
+
+
+def params_from_table(table: np.ndarray, cfg: SelfBlendConfig = DEFAULT_CONFIG) -> Dict[str, np.ndarray]:
+    """The blend parameters of ``table``'s rows (`params_from_uniforms`), each mask moved onto its row's face
+    box where it has one."""
+    g = cfg.elastic_grid
+    noise = table[:, 1 + N_UNIFORMS:table.shape[1] - BOX_COLUMNS].reshape(-1, 2, g, g)
+    p = params_from_uniforms(table[:, 1:1 + N_UNIFORMS], noise, cfg)
+    boxes = table[:, -BOX_COLUMNS:]
+    on_face = np.isfinite(boxes).all(1)
+    if on_face.any():
+        placed = place_on_face(p, boxes.T, cfg)
+        for k in ("cx", "cy", "half_w", "half_h"):
+            p[k] = np.where(on_face, placed[k], p[k])
+    return p
 
 
 def _tensor(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -139,8 +166,7 @@ def blend_batch(images: torch.Tensor, table: torch.Tensor, cfg: SelfBlendConfig 
     rows = np.flatnonzero(choice != KEEP)
     if rows.size == 0:
         return images.clone()
-    g = cfg.elastic_grid
-    p = params_from_uniforms(table[rows, 1:1 + N_UNIFORMS], table[rows, 1 + N_UNIFORMS:].reshape(-1, 2, g, g), cfg)
+    p = params_from_table(table[rows], cfg)
     device, (_, _, h, w) = images.device, images.shape
     idx = torch.from_numpy(rows).to(device)
     original = images[idx].float()

@@ -35,8 +35,8 @@ depending on the device and ``spec.decode``, take each batch this far (``mode``)
 
 Self-blending (training): on a CPU and for crops the workers blend each chosen real image at native size
 (`pipeline.augment.self_blend`; the mask on the face-stage box of the sample's json where it has one); in the
-CUDA modes they only draw the choices and the main process blends the batch on the GPU (ellipse mask only,
-`pipeline.augment.self_blend_batch`). Choices come from ``(seed, epoch, key)`` either way.
+CUDA modes they only draw the choices (and read the face box) and the main process blends the batch on the
+GPU (`pipeline.augment.self_blend_batch`, the same mask placement). Choices come from ``(seed, epoch, key)`` either way.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by reading the tar
 headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no rank knows its share of steps. Order depends on ``(seed, epoch, world_size,
@@ -66,7 +66,7 @@ from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from pipeline.augment.face_mask import sample_face_box
 from pipeline.augment.self_blend import BLEND, pseudo_fake_or_real
-from pipeline.augment.self_blend_batch import blend_batch, choice_table, table_width
+from pipeline.augment.self_blend_batch import BOX_COLUMNS, blend_batch, choice_table, table_width
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed
 from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
@@ -146,15 +146,19 @@ class _ShardStream(IterableDataset):
                                           face_box=sample_face_box(sample) if self.aug.sbi_mask == "face" else None)
         return (image, 1, key + SBI_SUFFIX) if fake else (image, label, key)
 
-    def choose(self, labels: np.ndarray, ids: List[str]) -> Tuple[np.ndarray, List[str], np.ndarray]:
-        """``blend_on_batch``: each real sample's choice row (`self_blend_batch.choice_table`), drawn as `blend`
-        draws, pseudo-fakes labelled 1 and ``KEY#sbi`` here; else all as it is, a table without columns."""
+    def choose(self, labels: np.ndarray, ids: List[str], samples: List[dict]
+               ) -> Tuple[np.ndarray, List[str], np.ndarray]:
+        """``blend_on_batch``: each real sample's choice row (`self_blend_batch.choice_table`, with its face box
+        under ``--sbi-mask face``), drawn as `blend` draws, pseudo-fakes labelled 1 and ``KEY#sbi`` here; else
+        all as it is, a table without columns."""
         if not self.blend_on_batch:
             return labels, ids, np.empty((len(ids), 0))
         real = np.flatnonzero(labels == 0)
         table = np.zeros((len(ids), table_width()))
+        table[:, -BOX_COLUMNS:] = np.nan  # true fakes: KEEP rows without a box
+        boxes = [sample_face_box(samples[i]) for i in real] if self.aug.sbi_mask == "face" else None
         table[real] = choice_table([np.random.default_rng(derive_seed(self.seed, self.epoch, ids[i], "sbi"))
-                                    for i in real], self.aug.self_blend)
+                                    for i in real], self.aug.self_blend, boxes=boxes)
         fake = table[:, 0] == BLEND
         ids = [k + SBI_SUFFIX if f else k for k, f in zip(ids, fake)]
         return np.where(fake, 1, labels).astype(np.uint8), ids, table
@@ -168,12 +172,13 @@ class _ShardStream(IterableDataset):
             metas = [_ext_label(s) for s in samples]
             payloads = [s[ext] if is_jpeg(s[ext]) else self.decode(s)[0] for s, (ext, _) in zip(samples, metas)]
             labels, ids, table = self.choose(np.array([m[1] for m in metas], dtype=np.uint8),
-                                             [s["__key__"] for s in samples])
+                                             [s["__key__"] for s in samples], samples)
             return encode_batch(payloads, size), labels, ids, shipped, table
         decoded = [self.decode(s) for s in samples]
         if self.train and self.aug.self_blend > 0 and not self.blend_on_batch:
             decoded = [self.blend(*d, s) if d[1] == 0 else d for d, s in zip(decoded, samples)]
-        labels, ids, table = self.choose(np.array([d[1] for d in decoded], dtype=np.uint8), [d[2] for d in decoded])
+        labels, ids, table = self.choose(np.array([d[1] for d in decoded], dtype=np.uint8), [d[2] for d in decoded],
+                                         samples)
         crop = self.aug.preprocess == "crop"
         if self.mode == "finish":
             scratch = self._scratch(n)
