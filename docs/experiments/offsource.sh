@@ -44,5 +44,9 @@ for spec in "$@"; do
     # ImageNet-pretrained EfficientNet-Lite0 (offline weights), face stage, fakes + face-aware self-blending
     R4) train R4 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 128 \
             --epochs 2 --batch-size 32 --self-blend 0.5; judge R4 shards/faces_fs ;;
+    # the same backbone on SBI's own recipe (real faces only, face-aware pseudo-fakes); reals are half the
+    # images, so 4 epochs see as many images as R4's 2
+    R5) train R5 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 128 \
+            --epochs 4 --batch-size 32 --self-blend 0.5 --fakes sbi-only; judge R5 shards/faces_fs ;;
   esac
 done

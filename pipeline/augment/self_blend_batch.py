@@ -7,10 +7,10 @@ the same on either path) and mapped by the shared `params_from_uniforms`; the op
 in float on the device: the colour matrix as one batched matmul, down/up-sampling grouped by factor,
 sharpening as grouped 3x3 convolutions, the source warp through ``grid_sample``, and the masks as a
 per-sample ellipse (on the face box where the row has one) on a coarse grid plus a smooth displacement
-(`displacement_basis`), a grouped per-sample Gaussian blur and a bilinear up-sampling. The two paths are not bit-identical (rounding,
-sub-pixel warp instead of whole-pixel offsets, float instead of 8-bit alpha), and this one blends
-the batch at its output size where the workers blend the decoded image at its native size (the
-mask's geometry is relative to the image, so both draw the same mask shape).
+(`displacement_basis`), a grouped per-sample Gaussian blur and a bilinear up-sampling. The two paths
+are not bit-identical (rounding, sub-pixel warp instead of whole-pixel offsets, float instead of 8-bit
+alpha), and this one blends the batch at its output size where the workers blend the decoded image at
+its native size (the mask's geometry is relative to the image, so both draw the same mask shape).
 
 A table row per sample (`choice_table`): column 0 the choice (``KEEP``/``BLEND``/``TRANSFORM``), then
 the ``N_UNIFORMS`` uniforms, then the ``2 * g * g`` normals (``KEEP`` rows: zeros), then the face-stage box
