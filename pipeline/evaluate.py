@@ -62,8 +62,8 @@ from pipeline.scoring.errors import TB_EVENTS, ErrorSettings, error_outputs, png
 from pipeline.scoring.explain import ExplainError
 from pipeline.scoring.explain_files import add_cam_args, check_gradients, explainer_from_args
 from pipeline.scoring.metrics import plot_roc, plot_score_hist, quiet_metrics, to_jsonable
-from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, path_hex, showable, shown,
-                                      writing)
+from pipeline.scoring.outputs import (OutputError, OutputSet, check_apart, check_output_dir, exit_on_out_of_memory, path_hex,
+                                      showable, shown, writing)
 from pipeline.scoring.report import parse_set
 from pipeline.scoring.robustness import plot_robustness, run_sweep
 from pipeline.scoring.score import (check_finite, per_group, score_folders, score_split, video_level,
@@ -313,6 +313,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    return exit_on_out_of_memory("evaluate", args.batch_size, lambda: _run(args))
+
+
+def _run(args) -> int:
     try:
         check_output_dir("--out", args.out)
         check_apart("--out", args.out, _inputs(args))

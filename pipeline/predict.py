@@ -49,8 +49,8 @@ from pipeline.scoring.media import add_media_args, expand, face_settings, pool_f
 from pipeline.scoring.explain import ExplainError
 from pipeline.scoring.explain_files import add_cam_args, check_gradients, explain_rows, explainer_from_args
 from pipeline.scoring.modes import score_items
-from pipeline.scoring.outputs import (OutputError, check_apart, check_output_dir, check_output_file, path_hex,
-                                      showable, shown, writing)
+from pipeline.scoring.outputs import (OutputError, check_apart, check_output_dir, check_output_file, exit_on_out_of_memory,
+                                      path_hex, showable, shown, writing)
 from pipeline.scoring.score import check_finite
 from shard_tools.fsutil import atomic_write_json, atomic_write_text
 from shard_tools.inputs import InputError
@@ -188,6 +188,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    return exit_on_out_of_memory("predict", args.batch_size, lambda: _run(args))
+
+
+def _run(args) -> int:
     try:
         if args.out is not None:
             check_output_file("--out", args.out, "file name ending in .csv or .json")

@@ -287,6 +287,37 @@ def test_huge_crops_under_a_memory_limit(packed, tmp_path):
     assert "--batch-size" in msg and "--image-size" in msg and ("memory" in msg)
 
 
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_scoring_out_of_memory_is_one_line(tmp_path, command):
+    """deepfakenet_base scoring 8 images of 2048 x 2048 at a time at native resolution (--scoring full) under
+    a 6 GiB address-space cap (it needs ~12): one line naming --batch-size (was the allocator's traceback), and
+    nothing written."""
+    import numpy as np
+    from helpers import write_image
+
+    from model import create_model
+    from pipeline.checkpoint import save_checkpoint
+
+    ckpt = tmp_path / "base.safetensors"
+    save_checkpoint(ckpt, create_model("deepfakenet_base").eval(), model_name="deepfakenet_base", image_size=48,
+                    extra={"epoch": 0})
+    ramp = np.linspace(0, 255, 2048, dtype=np.float32)
+    first = write_image(tmp_path / "big.jpg", np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8))
+    for kind in ("real", "fake"):
+        (tmp_path / kind).mkdir()
+        for i in range(8):
+            os.link(first, tmp_path / kind / f"{kind}{i}.jpg")
+    args = (["pipeline.evaluate", "--checkpoint", str(ckpt), "--real", str(tmp_path / "real"), "--fake",
+             str(tmp_path / "fake"), "--out", str(tmp_path / "eval")] if command == "evaluate" else
+            ["pipeline.predict", "--checkpoint", str(ckpt), str(tmp_path / "real"), "--out", str(tmp_path / "p.csv")])
+    proc = _run_limited(args + ["--scoring", "full", "--batch-size", "8", "--workers", "0"], address_space=6 * 2**30)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = re.findall(rf"{command}: out of [^\r\n]*", proc.stderr)
+    assert len(lines) == 1 and "with --batch-size 8: lower --batch-size" in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "p.csv").exists()
+
+
 def test_sbi_only_on_a_pack_without_reals(tmp_path, caplog):
     _, fake = make_image_dirs(tmp_path / "in", n_real=0, n_fake=24)
     from shard_tools.pack import main as pack_main

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import resource
@@ -20,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -134,17 +135,33 @@ def check_apart(flag: str, out: PathLike, inputs: Sequence[Tuple[str, PathLike]]
                               "input (and be read as input next time); write them elsewhere")
 
 
-def out_of_memory(e: BaseException, image_size: int, batch_size: int) -> Optional[str]:
+def out_of_memory(e: BaseException, image_size: Optional[int], batch_size: int) -> Optional[str]:
     """One line for an allocation that failed (torch's allocators, CUDA out of memory, MemoryError), naming
-    the sizes that set it and what to lower; None for any other error."""
+    the sizes that set it and what to lower; None for any other error. ``image_size`` None: the size is not a
+    flag of the command (scoring takes the checkpoint's)."""
     text = str(e)
     if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
         return None
     m = re.search(r"allocate ([0-9]+) bytes", text)
     asked = f" ({int(m.group(1)) / 2**20:.0f} MiB at once)" if m else ""
     where = "GPU" if "CUDA" in text or "cuda" in text else "memory"
+    if image_size is None:
+        return f"out of {where}{asked} with --batch-size {batch_size}: lower --batch-size (or raise the memory limit)"
     return (f"out of {where}{asked} at --image-size {image_size} with --batch-size {batch_size}: lower --batch-size "
             "or --image-size (or raise the memory limit)")
+
+
+def exit_on_out_of_memory(command: str, batch_size: int, run: Callable[[], int]) -> int:
+    """``run()``, or exit status 2 with one line (`out_of_memory`) when an allocation fails (scoring commands:
+    their batch is the one thing to lower); any other error propagates."""
+    try:
+        return run()
+    except (RuntimeError, MemoryError) as e:
+        line = out_of_memory(e, None, batch_size)
+        if line is None:
+            raise
+        logging.getLogger(command).error("%s: %s", command, line)
+        return 2
 
 
 def _reason(e: BaseException, path: Path) -> str:
