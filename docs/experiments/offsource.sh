@@ -48,5 +48,11 @@ for spec in "$@"; do
     # images, so 4 epochs see as many images as R4's 2
     R5) train R5 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 128 \
             --epochs 4 --batch-size 32 --self-blend 0.5 --fakes sbi-only; judge R5 shards/faces_fs ;;
+    # R5 trained 4x longer (16 epochs, about the CPU recipe's 30-minute budget on an idle 2-core machine)
+    R6) train R6 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 128 \
+            --epochs 16 --batch-size 32 --self-blend 0.5 --fakes sbi-only; judge R6 shards/faces_fs ;;
+    # R6 at 176 px in about the same training time (10 epochs; 1.2x R6's in the event): resolution against epochs
+    R7) train R7 shards/faces_fs --model timm/tf_efficientnet_lite0 --pretrained efficientnet-lite0 --image-size 176 \
+            --epochs 10 --batch-size 32 --self-blend 0.5 --fakes sbi-only; judge R7 shards/faces_fs ;;
   esac
 done
