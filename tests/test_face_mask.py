@@ -76,17 +76,16 @@ def test_gpu_batch_path_puts_the_mask_on_the_face_box_like_the_workers(box):
     the default mask."""
     import torch
 
-    from pipeline.augment.self_blend import N_UNIFORMS, params_from_uniforms
-    from pipeline.augment.self_blend_batch import choice_table, masks_for, params_from_table
+    from pipeline.augment.self_blend import params_from_uniforms
+    from pipeline.augment.self_blend_batch import BOX, NOISE, UNIFORMS, choice_table, masks_for, params_from_table
 
     n, size, g = 8, 128, DEFAULT_CONFIG.elastic_grid
     table = choice_table([np.random.default_rng(s) for s in range(n)], 1.0, boxes=[box] * (n - 1) + [None])
-    assert np.isfinite(table[:-1, -4:]).all() and np.isnan(table[-1, -4:]).all()
+    assert np.isfinite(table[:-1, BOX]).all() and np.isnan(table[-1, BOX]).all()
     p = dict(params_from_table(table), blend_ratio=np.ones(n), scale=np.ones(n), tx=np.zeros(n), ty=np.zeros(n))
     masks = masks_for(p, size, size, DEFAULT_CONFIG.mask_stride, torch.device("cpu")).numpy()
     x0, y0, x1, y1 = (int(v * size) for v in box)
-    plain = params_from_uniforms(table[:, 1:1 + N_UNIFORMS], table[:, 1 + N_UNIFORMS:-4].reshape(-1, 2, g, g),
-                                 DEFAULT_CONFIG)
+    plain = params_from_uniforms(table[:, UNIFORMS], table[:, NOISE].reshape(-1, 2, g, g), DEFAULT_CONFIG)
     image = np.zeros((size, size, 3), np.uint8)
     for i in range(n):
         row = {k: v[i] for k, v in p.items()}

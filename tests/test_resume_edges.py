@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_image_dirs, one_error, pack_dirs
+from helpers import make_image_dirs, one_error, pack_dirs, write_image
 
 from pipeline import evaluate, train
 from pipeline.data.contract import LoaderSpec
@@ -293,7 +293,6 @@ def test_scoring_out_of_memory_is_one_line(tmp_path, command):
     a 6 GiB address-space cap (it needs ~12): one line naming --batch-size (was the allocator's traceback), and
     nothing written."""
     import numpy as np
-    from helpers import write_image
 
     from model import create_model
     from pipeline.checkpoint import save_checkpoint

@@ -225,6 +225,7 @@ def test_batch_path_reads_the_face_box_of_each_real_sample(face_packed):
     import webdataset as wds
 
     from pipeline.augment.face_mask import sample_face_box
+    from pipeline.augment.self_blend_batch import BOX
     from pipeline.data.shards import resolve_shards
     from pipeline.data.torch_backend import TorchLoader
 
@@ -241,11 +242,11 @@ def test_batch_path_reads_the_face_box_of_each_real_sample(face_packed):
         for _, labels, ids, _, table in stream:
             for key, label, row in zip(ids, labels, table):
                 if label == 1 and not key.endswith(SBI_SUFFIX):  # a true fake: a KEEP row, no box
-                    assert row[0] == 0 and np.isnan(row[-4:]).all()
+                    assert row[0] == 0 and np.isnan(row[BOX]).all()
                     continue
                 n_real += 1
                 own = boxes[key.removesuffix(SBI_SUFFIX)]
-                np.testing.assert_allclose(row[-4:], np.asarray(own if mask == "face" else [np.nan] * 4))
+                np.testing.assert_allclose(row[BOX], np.asarray(own if mask == "face" else [np.nan] * 4))
         assert n_real > 3
     workers, batch = (TorchLoader(spec("face"), shards), TorchLoader(spec("face"), shards, decode_device="cpu"))
     n = 0

@@ -44,25 +44,32 @@ from pipeline.augment.self_blend import (
 
 
 BOX_COLUMNS = 4  # the face box at the end of a table row
+# the columns of a row (any table width): uniforms, the normals of the mask's displacement, the face box
+UNIFORMS, NOISE, BOX = slice(1, 1 + N_UNIFORMS), slice(1 + N_UNIFORMS, -BOX_COLUMNS), slice(-BOX_COLUMNS, None)
 
 
 def table_width(cfg: SelfBlendConfig = DEFAULT_CONFIG) -> int:
     return 1 + N_UNIFORMS + 2 * cfg.elastic_grid ** 2 + BOX_COLUMNS
 
 
+def keep_table(n: int, cfg: SelfBlendConfig = DEFAULT_CONFIG) -> np.ndarray:
+    """[n, `table_width`] rows that leave their samples alone (``KEEP``, no face box)."""
+    table = np.zeros((n, table_width(cfg)))
+    table[:, BOX] = np.nan
+    return table
+
+
 def choice_table(rngs: List[np.random.Generator], p: float, cfg: SelfBlendConfig = DEFAULT_CONFIG,
                  boxes: Optional[Sequence[Optional[Tuple[float, float, float, float]]]] = None) -> np.ndarray:
     """[N, `table_width`] float64: one `draw_choice` per generator (one per real sample) and its face box
     (``boxes[i]``, fractions of the image; None or no ``boxes``: the default mask)."""
-    table = np.zeros((len(rngs), table_width(cfg)))
-    table[:, -BOX_COLUMNS:] = np.nan
-    noise_end = table.shape[1] - BOX_COLUMNS
+    table = keep_table(len(rngs), cfg)
     for i, rng in enumerate(rngs):
         choice, u, noise = draw_choice(rng, p, cfg)
         if choice != KEEP:
-            table[i, 0], table[i, 1:1 + N_UNIFORMS], table[i, 1 + N_UNIFORMS:noise_end] = choice, u, noise.ravel()
+            table[i, 0], table[i, UNIFORMS], table[i, NOISE] = choice, u, noise.ravel()
         if boxes is not None and boxes[i] is not None:
-            table[i, -BOX_COLUMNS:] = boxes[i]
+            table[i, BOX] = boxes[i]
     return table
 
 
@@ -70,9 +77,8 @@ def params_from_table(table: np.ndarray, cfg: SelfBlendConfig = DEFAULT_CONFIG) 
     """The blend parameters of ``table``'s rows (`params_from_uniforms`), each mask moved onto its row's face
     box where it has one."""
     g = cfg.elastic_grid
-    noise = table[:, 1 + N_UNIFORMS:table.shape[1] - BOX_COLUMNS].reshape(-1, 2, g, g)
-    p = params_from_uniforms(table[:, 1:1 + N_UNIFORMS], noise, cfg)
-    boxes = table[:, -BOX_COLUMNS:]
+    p = params_from_uniforms(table[:, UNIFORMS], table[:, NOISE].reshape(-1, 2, g, g), cfg)
+    boxes = table[:, BOX]
     on_face = np.isfinite(boxes).all(1)
     if on_face.any():
         placed = place_on_face(p, boxes.T, cfg)

@@ -36,7 +36,8 @@ depending on the device and ``spec.decode``, take each batch this far (``mode``)
 Self-blending (training): on a CPU and for crops the workers blend each chosen real image at native size
 (`pipeline.augment.self_blend`; the mask on the face-stage box of the sample's json where it has one); in the
 CUDA modes they only draw the choices (and read the face box) and the main process blends the batch on the
-GPU (`pipeline.augment.self_blend_batch`, the same mask placement). Choices come from ``(seed, epoch, key)`` either way.
+GPU (`pipeline.augment.self_blend_batch`, the same mask placement). Choices come from ``(seed, epoch, key)``
+either way.
 
 The sample counts come from the manifest; for a pattern of local shards they are counted by reading the tar
 headers once. Remote patterns (``pipe:``, URLs) are refused: without counts no rank knows its share of steps. Order depends on ``(seed, epoch, world_size,
@@ -66,7 +67,7 @@ from pipeline.augment.config import AugConfig
 from pipeline.augment.params import draw_params, params_from_tensor, params_to_tensor
 from pipeline.augment.face_mask import sample_face_box
 from pipeline.augment.self_blend import BLEND, pseudo_fake_or_real
-from pipeline.augment.self_blend_batch import BOX_COLUMNS, blend_batch, choice_table, table_width
+from pipeline.augment.self_blend_batch import blend_batch, choice_table, keep_table
 from pipeline.data.contract import Batch, LoaderSpec, check_split_size, derive_seed
 from pipeline.data.encoded import batch_rows, decode_batch, encode_batch, is_jpeg
 from pipeline.data.handoff import SlabPool, SlabWriter, as_sent, new_shared, take
@@ -154,8 +155,7 @@ class _ShardStream(IterableDataset):
         if not self.blend_on_batch:
             return labels, ids, np.empty((len(ids), 0))
         real = np.flatnonzero(labels == 0)
-        table = np.zeros((len(ids), table_width()))
-        table[:, -BOX_COLUMNS:] = np.nan  # true fakes: KEEP rows without a box
+        table = keep_table(len(ids))  # true fakes stay KEEP rows without a box
         boxes = [sample_face_box(samples[i]) for i in real] if self.aug.sbi_mask == "face" else None
         table[real] = choice_table([np.random.default_rng(derive_seed(self.seed, self.epoch, ids[i], "sbi"))
                                     for i in real], self.aug.self_blend, boxes=boxes)
